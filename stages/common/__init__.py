@@ -1,0 +1,50 @@
+"""The one shared module of the tutorial: what never changes from stage to stage.
+
+It holds the running example (data generator, Dataset, U-Net, physics baseline) and plumbing
+(config loading, paths, device, logging, run summary, images). It never holds a stage's concept:
+no checkpointing, DataLoader settings, mixed precision, DDP, LR rules or W&B live here.
+"""
+
+from .data import FieldDataset, check_data, data_dir_for, ensure_data, random_symmetry
+from .fields import PRESETS, generate, linear_baseline, relative_l2
+from .run import (
+    REPO,
+    UserError,
+    choose_device,
+    colorize,
+    hardware,
+    load_config,
+    prediction_panel,
+    read_summary,
+    run_dir,
+    setup_logging,
+    to_pil,
+    write_summary,
+)
+from .unet import UNet, count_parameters
+
+__all__ = [
+    "FieldDataset",
+    "PRESETS",
+    "REPO",
+    "UNet",
+    "UserError",
+    "check_data",
+    "choose_device",
+    "colorize",
+    "count_parameters",
+    "data_dir_for",
+    "ensure_data",
+    "generate",
+    "hardware",
+    "linear_baseline",
+    "load_config",
+    "prediction_panel",
+    "random_symmetry",
+    "read_summary",
+    "relative_l2",
+    "run_dir",
+    "setup_logging",
+    "to_pil",
+    "write_summary",
+]

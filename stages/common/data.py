@@ -1,0 +1,98 @@
+"""Generated data on disk and the Dataset that reads it, with the problem's symmetries as augmentations."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .fields import PRESETS, generate
+from .run import UserError, output_root
+
+log = logging.getLogger(__name__)
+
+
+def data_dir_for(preset, data_root=None):
+    """Where a preset lives: data_root/<preset>, by default $SCRATCH/<repo>/data or data/generated."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown data preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    root = Path(data_root) if data_root else output_root("data", default=Path("data/generated"))
+    return root / preset
+
+
+def ensure_data(preset, data_root=None, seed=0):
+    """Return the folder of a preset, generating it first if it is missing (and saying so)."""
+    folder = data_dir_for(preset, data_root)
+    if not folder.exists():
+        log.info(f"data preset {preset!r} not found in {folder}: generating it now (once)")
+        try:
+            generate(preset, folder, seed=seed, log=log.info)
+        except OSError as error:
+            raise UserError(f"cannot write data to {folder} ({error.strerror}): pass --data_root DIR") from None
+    check_data(folder)
+    return folder
+
+
+def check_data(folder):
+    """Raise a UserError naming the fix if the folder does not hold complete data."""
+    fix = f"delete {folder} and generate it again: python data/generate.py --preset {Path(folder).name} --data_root {Path(folder).parent}"
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+        for split in ("train", "val"):
+            array = np.load(Path(folder) / f"{split}.npy", mmap_mode="r")
+            expected = (meta[f"n_{split}"], 2, meta["grid"], meta["grid"])
+            if array.shape != expected:
+                raise ValueError(f"{split}.npy has shape {array.shape}, expected {expected}")
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"data in {folder} are missing or corrupt ({error}); {fix}") from None
+    return meta
+
+
+class FieldDataset(Dataset):
+    """(delta, phi) pairs, each of shape (1, grid, grid), read from a memory-mapped .npy file.
+
+    With augment=True each sample gets a random symmetry of the periodic square (one of 4 rotations,
+    a flip, a shift). Its randomness is fixed by (seed, epoch, index): the same sample gets the same
+    transform however many processes or workers load it, and a resumed run sees the same data."""
+
+    def __init__(self, folder, split, augment=False, seed=0):
+        self.path = Path(folder) / f"{split}.npy"
+        self.meta = check_data(folder)
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.array = None  # opened lazily, so each DataLoader worker maps the file itself
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.meta[f"n_{self.path.stem}"]
+
+    def __getstate__(self):  # never pickle the mapped array into workers: they reopen the file
+        return {**self.__dict__, "array": None}
+
+    def __getitem__(self, index):
+        if self.array is None:
+            self.array = np.load(self.path, mmap_mode="r")
+        pair = torch.from_numpy(np.array(self.array[index]))  # copy one sample out of the page cache
+        if self.augment:
+            pair = random_symmetry(pair, self.sample_generator(index))
+        return pair[0:1], pair[1:2]
+
+    def sample_generator(self, index):
+        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+
+def random_symmetry(fields, generator):
+    """Apply the same random rotation, flip and periodic shift to every channel of (C, H, W)."""
+    turns, flip, shift_y, shift_x = (
+        torch.randint(n, (1,), generator=generator).item() for n in (4, 2, fields.shape[-2], fields.shape[-1])
+    )
+    fields = torch.rot90(fields, turns, dims=(-2, -1))
+    if flip:
+        fields = torch.flip(fields, dims=(-1,))
+    return torch.roll(fields, shifts=(shift_y, shift_x), dims=(-2, -1))
