@@ -31,7 +31,9 @@ def ensure_data(preset, data_root=None, seed=0):
             generate(preset, folder, seed=seed, log=log.info)
         except OSError as error:
             raise UserError(f"cannot write data to {folder} ({error.strerror}): pass --data_root DIR") from None
-    check_data(folder)
+    meta = check_data(folder)
+    if meta["seed"] != seed:
+        raise UserError(f"{folder} holds data of seed {meta['seed']}, not {seed}: pass another --data_root")
     return folder
 
 
