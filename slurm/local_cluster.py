@@ -64,6 +64,8 @@ SelectTypeParameters=CR_Core
 # Lets the node advertise more CPUs and memory than this machine has.
 SlurmdParameters=config_overrides
 ReturnToService=2
+# Reject impossible requests at once, as Perlmutter does, instead of queueing them forever.
+EnforcePartLimits=ALL
 MpiDefault=none
 GresTypes=gpu
 NodeName={host} NodeAddr=127.0.0.1 CPUs=128 Boards=1 SocketsPerBoard=1 CoresPerSocket=64 ThreadsPerCore=2 RealMemory=256000 Gres=gpu:{gpus} Features=gpu State=UNKNOWN
@@ -234,19 +236,7 @@ def _failure(what: str, log: Path, result=None) -> ClusterUnavailable:
 
 def _wait_until_ready(workdir: Path, env: dict[str, str], timeout: float = 30) -> None:
     log = workdir / "log" / "slurmd.log"
-    deadline = time.monotonic() + timeout
-    state = ""
-    while time.monotonic() < deadline:
-        result = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
-        state = result.stdout.strip()
-        if state == "idle":
-            break
-        if "drain" in state or state.startswith("down") and "*" not in state:
-            reason = subprocess.run(["sinfo", "-h", "-R"], env=env, capture_output=True, text=True)
-            raise _failure(f"the node is {state}: {reason.stdout.strip()}", log)
-        time.sleep(0.2)
-    else:
-        raise _failure(f"the node did not become idle in {timeout} s (state '{state}')", log)
+    _wait_until_idle(log, env, timeout)
     # sinfo can say idle while slurmd is dead: only a job proves the node works.
     try:
         result = subprocess.run(["srun", "-n1", "true"], env=env, capture_output=True, text=True, timeout=timeout)
@@ -254,6 +244,23 @@ def _wait_until_ready(workdir: Path, env: dict[str, str], timeout: float = 30) -
         raise _failure(f"'srun -n1 true' did not finish in {timeout} s", log) from None
     if result.returncode != 0:
         raise _failure("'srun -n1 true' failed", log, result)
+    # The node is exclusive: a job submitted while that one is still completing
+    # would wait a few seconds for the next scheduling pass.
+    _wait_until_idle(log, env, timeout)
+
+
+def _wait_until_idle(log: Path, env: dict[str, str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    state = ""
+    while state != "idle":
+        if time.monotonic() > deadline:
+            raise _failure(f"the node did not become idle in {timeout} s (state '{state}')", log)
+        time.sleep(0.1)
+        result = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
+        state = result.stdout.strip()
+        if "drain" in state:
+            reason = subprocess.run(["sinfo", "-h", "-R"], env=env, capture_output=True, text=True)
+            raise _failure(f"the node is {state}: {reason.stdout.strip()}", log)
 
 
 # --- stopping ---------------------------------------------------------------

@@ -39,11 +39,12 @@ def ensure_data(preset, data_root=None, seed=0):
 
 def check_data(folder):
     """Raise a UserError naming the fix if the folder does not hold complete data."""
-    fix = f"delete {folder} and generate it again: python data/generate.py --preset {Path(folder).name} --data_root {Path(folder).parent}"
+    folder = Path(folder)
+    fix = f"delete it and run: python data/generate.py --preset {folder.name} --data_root {folder.parent}"
     try:
-        meta = json.loads((Path(folder) / "meta.json").read_text())
+        meta = json.loads((folder / "meta.json").read_text())
         for split in ("train", "val"):
-            array = np.load(Path(folder) / f"{split}.npy", mmap_mode="r")
+            array = np.load(folder / f"{split}.npy", mmap_mode="r")
             expected = (meta[f"n_{split}"], 2, meta["grid"], meta["grid"])
             if array.shape != expected:
                 raise ValueError(f"{split}.npy has shape {array.shape}, expected {expected}")

@@ -1,0 +1,26 @@
+"""Small helpers the tests share: where things are, and running a script the way a user does."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = sorted(p for p in (REPO / "stages").iterdir() if p.is_dir() and p.name[:2].isdigit())
+SCRIPT_STAGES = [p for p in STAGES if (p / "train.py").exists()]
+
+
+def run_python(*args, cwd, env=None, timeout=900):
+    """Run `python args...` in a subprocess from `cwd`, capturing its output as text."""
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def output_of(result):
+    return f"exit code {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"

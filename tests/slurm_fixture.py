@@ -1,0 +1,36 @@
+"""A pytest fixture that runs a local one-node Slurm cluster for the whole test session.
+
+Tests that use `local_slurm` get an environment (os.environ plus SLURM_CONF) to pass
+to sbatch, srun, squeue and scancel.  Where the cluster cannot run, the tests are
+skipped with a reason that says how to enable them, unless REQUIRE_SLURM=1 is set
+(as in CI): then they fail instead of skipping silently.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from slurm.local_cluster import ClusterUnavailable, start, stop
+
+
+@pytest.fixture(scope="session")
+def local_slurm():
+    # Not pytest's tmp_path: its parent folders are 0700, and munged runs as
+    # the user 'munge', which must reach its socket inside the folder.
+    workdir = Path(tempfile.mkdtemp(prefix="local-slurm-"))
+    try:
+        env = start(workdir)
+    except ClusterUnavailable as error:
+        shutil.rmtree(workdir, ignore_errors=True)
+        reason = f"local Slurm cluster unavailable: {error}"
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(f"{reason}\n(REQUIRE_SLURM=1 is set, so this is an error, not a skip)", pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield {**os.environ, **env}
+    finally:
+        stop(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,38 @@
+"""shellcheck on every shell script, ruff on the Python."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+SKIP_DIRS = {".venv", "runs", ".git", "data"}
+SHELL_SCRIPTS = sorted(
+    [p for p in REPO.rglob("*.sh") if not SKIP_DIRS & set(p.relative_to(REPO).parts)] + [REPO / ".ci" / "run"]
+)
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=[str(p.relative_to(REPO)) for p in SHELL_SCRIPTS])
+def test_shellcheck(script):
+    result = subprocess.run([BIN / "shellcheck", "-x", script.relative_to(REPO)], cwd=REPO, capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_submit_scripts_are_strict_and_comment_every_sbatch_line():
+    for script in REPO.glob("stages/*/submit_pm.sh"):
+        lines = script.read_text().splitlines()
+        assert "set -euo pipefail" in lines, script
+        for line in lines:
+            if line.startswith("#SBATCH"):
+                assert "#" in line[1:], f"{script.relative_to(REPO)}: explain this line: {line}"
+            assert not line.startswith(("#SBATCH -A", "#SBATCH --account", "#SBATCH --reservation")), (
+                f"{script.relative_to(REPO)}: the account is given at submission, never in the script"
+            )
+
+
+def test_ruff():
+    result = subprocess.run([BIN / "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
