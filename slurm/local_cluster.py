@@ -16,8 +16,10 @@ under the chosen directory; the daemons are stopped through their pid files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -28,12 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-INSTALL_HINT = (
-    "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge, "
-    "and run as root"
-)
+INSTALL_HINT = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge, and run as root"
 DAEMONS = ("slurmd", "slurmctld", "munged")  # the order stop() ends them in
-COMMANDS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "srun", "sinfo", "squeue", "scancel")
+COMMANDS = ("munged", "munge", "unmunge", "slurmctld", "slurmd", "srun", "sinfo", "sdiag", "squeue", "scancel")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 GPUS = 4
 
@@ -67,8 +66,12 @@ ReturnToService=2
 # Reject impossible requests at once, as Perlmutter does, instead of queueing them forever.
 EnforcePartLimits=ALL
 MpiDefault=none
+# Start jobs as soon as they can run, not up to 3 s after their submission or
+# up to 60 s after a requeued job may run again.
+SchedulerParameters=batch_sched_delay=0,sched_interval=1
 GresTypes=gpu
-NodeName={host} NodeAddr=127.0.0.1 CPUs=128 Boards=1 SocketsPerBoard=1 CoresPerSocket=64 ThreadsPerCore=2 RealMemory=256000 Gres=gpu:{gpus} Features=gpu State=UNKNOWN
+NodeName=DEFAULT CPUs=128 Boards=1 SocketsPerBoard=1 CoresPerSocket=64 ThreadsPerCore=2 RealMemory=256000
+NodeName={host} NodeAddr=127.0.0.1 Gres=gpu:{gpus} Features=gpu State=UNKNOWN
 PartitionName=regular Nodes={host} Default=YES MaxTime=INFINITE OverSubscribe=EXCLUSIVE State=UP
 """
 
@@ -212,7 +215,7 @@ def _start_slurm(workdir: Path, commands: dict[str, str], env: dict[str, str]) -
     _run_daemon([commands["slurmd"]], workdir / "log" / "slurmd.log", env=env)
 
 
-def _run_daemon(command: list[str], log: Path, user: str | None = None, env=None) -> None:
+def _run_daemon(command: list[str], log: Path, user: str | None = None, env: dict[str, str] | None = None) -> None:
     """Run a daemon that forks into the background, and fail if it did not."""
     user_args = {"user": user, "group": user, "extra_groups": []} if user else {}
     result = subprocess.run(command, env=env, capture_output=True, text=True, **user_args)
@@ -227,11 +230,12 @@ def _run(command: list[str], log: Path, stdin: str | None = None) -> str:
     return result.stdout
 
 
-def _failure(what: str, log: Path, result=None) -> ClusterUnavailable:
+def _failure(what: str, log: Path, result: subprocess.CompletedProcess | None = None) -> ClusterUnavailable:
+    """An error that says what failed, with the command's output and the end of the daemon's log."""
     output = (result.stdout + result.stderr).strip() if result else ""
     lines = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else []
-    tail = "\n".join(lines) or "(empty)"
-    return ClusterUnavailable(f"{what}. {output}\nLast lines of {log}:\n{tail}")
+    parts = [what, output, f"Last lines of {log}:", *lines] if lines else [what, output, f"{log} is empty or missing."]
+    return ClusterUnavailable("\n".join(part for part in parts if part))
 
 
 def _wait_until_ready(workdir: Path, env: dict[str, str], timeout: float = 30) -> None:
@@ -244,9 +248,10 @@ def _wait_until_ready(workdir: Path, env: dict[str, str], timeout: float = 30) -
         raise _failure(f"'srun -n1 true' did not finish in {timeout} s", log) from None
     if result.returncode != 0:
         raise _failure("'srun -n1 true' failed", log, result)
-    # The node is exclusive: a job submitted while that one is still completing
-    # would wait a few seconds for the next scheduling pass.
+    # A job submitted while the node is still busy with that one waits for the
+    # next pass of the scheduler, and its first pass comes 3 s after the start.
     _wait_until_idle(log, env, timeout)
+    _wait_for_first_scheduler_pass(workdir / "log" / "slurmctld.log", env, timeout)
 
 
 def _wait_until_idle(log: Path, env: dict[str, str], timeout: float) -> None:
@@ -261,6 +266,18 @@ def _wait_until_idle(log: Path, env: dict[str, str], timeout: float) -> None:
         if "drain" in state:
             reason = subprocess.run(["sinfo", "-h", "-R"], env=env, capture_output=True, text=True)
             raise _failure(f"the node is {state}: {reason.stdout.strip()}", log)
+
+
+def _wait_for_first_scheduler_pass(log: Path, env: dict[str, str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = subprocess.run(["sdiag"], env=env, capture_output=True, text=True)
+        match = re.search(r"Total cycles: *(\d+)", result.stdout)
+        if match and int(match.group(1)) > 0:
+            return
+        if time.monotonic() > deadline:
+            raise _failure(f"the scheduler did not run in {timeout} s", log, result)
+        time.sleep(0.2)
 
 
 # --- stopping ---------------------------------------------------------------
@@ -311,13 +328,14 @@ def _terminate(workdir: Path, daemon: str, timeout: float = 10) -> None:
     pid = _pid(workdir, daemon)
     if pid is None:
         return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _pid(workdir, daemon) == pid:
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            break
-        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):  # it may end on its own meanwhile
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _pid(workdir, daemon) == pid:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
 
 
 # --- command line -----------------------------------------------------------

@@ -127,7 +127,7 @@ exit 1
     wait_for_file(ready)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=local_slurm, check=True)
 
-    # About 14 s: a requeued job waits for cred_expire=10 before it runs again.
+    # About 11 s: a requeued job waits for cred_expire=10 before it runs again.
     assert wait_for_job(local_slurm, job_id, timeout=45) == "COMPLETED"
     assert job_field(local_slurm, job_id, "Restarts") == "1"
     runs = [line for line in output.read_text().splitlines() if not line.startswith(("slurmstepd", "srun"))]
