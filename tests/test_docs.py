@@ -73,7 +73,12 @@ def check_stage_arguments(script, arguments):
 
 def check_command(words, markdown):
     where = f"{markdown.relative_to(REPO)}: {' '.join(words)}"
+    if words[0] == "eval":  # eval $(command ...): check the inner command
+        return check_command(shlex.split(" ".join(words[1:]).strip("$()")), markdown)
     program = words[0].removeprefix(".venv/bin/")
+    if program in ("python", "python3") and words[1] == "-m":
+        assert words[2] in ("venv", "pytest", "pip", "jupyter"), f"{where}: unexpected module {words[2]}"
+        return
     if program in CLUSTER_COMMANDS:
         if program == "sbatch":
             script_index = next(i for i, w in enumerate(words) if w.endswith(".sh"))

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO
 
 SKIP_DIRS = {".venv", "runs", ".git", "data"}

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import REPO, SCRIPT_STAGES
 
 SUBMIT_STAGES = [stage for stage in SCRIPT_STAGES if (stage / "submit_pm.sh").exists()]
