@@ -76,12 +76,18 @@ def test_output_folder_that_cannot_be_written(stage, tmp_path, tiny_data):
     expect_one_line_error(result, "cannot write to", "--out_dir")
 
 
-@pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
-def test_corrupt_data_file(stage, tmp_path, tiny_data):
+def copy_of_tiny_data(tiny_data, tmp_path):
+    """A data root of our own with the tiny preset in it, to damage without harming the shared one."""
     data_root = tmp_path / "data"
     (data_root / "tiny").mkdir(parents=True)
-    for name in ("meta.json", "val.npy"):
+    for name in ("train.npy", "val.npy", "meta.json"):
         (data_root / "tiny" / name).write_bytes((tiny_data / "tiny" / name).read_bytes())
+    return data_root
+
+
+@pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
+def test_corrupt_data_file(stage, tmp_path, tiny_data):
+    data_root = copy_of_tiny_data(tiny_data, tmp_path)
     truncated = (tiny_data / "tiny" / "train.npy").read_bytes()[:10_000]
     (data_root / "tiny" / "train.npy").write_bytes(truncated)
     result = run_python(stage / "train.py", "--config", "quick", "--data_root", data_root, "--out_dir", tmp_path / "r",
@@ -91,10 +97,7 @@ def test_corrupt_data_file(stage, tmp_path, tiny_data):
 
 @pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
 def test_data_of_another_seed_is_refused(stage, tmp_path, tiny_data):
-    data_root = tmp_path / "data"
-    (data_root / "tiny").mkdir(parents=True)
-    for name in ("train.npy", "val.npy"):
-        (data_root / "tiny" / name).write_bytes((tiny_data / "tiny" / name).read_bytes())
+    data_root = copy_of_tiny_data(tiny_data, tmp_path)
     meta = json.loads((tiny_data / "tiny" / "meta.json").read_text())
     (data_root / "tiny" / "meta.json").write_text(json.dumps({**meta, "seed": 7}))
     result = run_python(stage / "train.py", "--config", "quick", "--data_root", data_root, "--out_dir", tmp_path / "r",
