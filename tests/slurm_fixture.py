@@ -7,8 +7,11 @@ skipped with a reason that says how to enable them, unless REQUIRE_SLURM=1 is se
 """
 
 import os
+import re
 import shutil
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,27 @@ def local_slurm():
     finally:
         stop(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def submit(env: dict, *args: str) -> str:
+    """Submit without waiting; return the job id."""
+    result = subprocess.run(["sbatch", "--parsable", *args], env=env, capture_output=True, text=True, check=True)
+    return result.stdout.strip().split(";")[0]
+
+
+def job_field(env: dict, job_id: str, name: str) -> str:
+    result = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True)
+    match = re.search(rf"\b{name}=(\S+)", result.stdout)
+    return match.group(1) if match else ""
+
+
+def wait_for_job(env: dict, job_id: str, timeout: float) -> str:
+    """Wait until the job has finished for good (a requeued job has not); return its state."""
+    deadline = time.monotonic() + timeout
+    while (state := job_field(env, job_id, "JobState")) not in FINISHED:
+        assert time.monotonic() < deadline, f"job {job_id} still {state} after {timeout} s"
+        time.sleep(0.5)
+    return state

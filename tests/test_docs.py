@@ -29,11 +29,8 @@ def shell_commands(text):
     """Each simple command of the bash blocks, as a list of words (comments dropped)."""
     for block in code_blocks(text):
         for line in block.splitlines():
-            line = line.split("  #")[0].strip()
-            if not line or line.startswith("#"):
-                continue
             for command in re.split(r"&&|\|\||;|\|", line):
-                words = shlex.split(command)
+                words = shlex.split(command, comments=True)
                 while words and re.match(r"^[A-Z_]+=", words[0]):  # VAR=value before the command
                     words.pop(0)
                 if words:

@@ -3,7 +3,6 @@
 They use the session fixture `local_slurm` (tests/slurm_fixture.py).
 """
 
-import re
 import shutil
 import socket
 import subprocess
@@ -15,39 +14,18 @@ from pathlib import Path
 import pytest
 
 from slurm import local_cluster
+from slurm_fixture import job_field, submit, wait_for_job
 
 REPO = Path(__file__).resolve().parents[1]
 PERLMUTTER_GPU_OPTIONS = [
     "-C", "gpu", "-q", "regular", "-A", "anyaccount",
     "--gpus-per-node", "4", "--ntasks-per-node", "4", "-c", "32", "--time", "5",
 ]  # fmt: skip
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 def write_script(path: Path, body: str) -> Path:
     path.write_text("#!/bin/bash\n" + body)
     return path
-
-
-def submit(env: dict, *args: str) -> str:
-    """Submit without waiting; return the job id."""
-    result = subprocess.run(["sbatch", "--parsable", *args], env=env, capture_output=True, text=True, check=True)
-    return result.stdout.strip().split(";")[0]
-
-
-def job_field(env: dict, job_id: str, name: str) -> str:
-    result = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True)
-    match = re.search(rf"\b{name}=(\S+)", result.stdout)
-    return match.group(1) if match else ""
-
-
-def wait_for_job(env: dict, job_id: str, timeout: float) -> str:
-    """Wait until the job has finished for good (a requeued job has not); return its state."""
-    deadline = time.monotonic() + timeout
-    while (state := job_field(env, job_id, "JobState")) not in FINISHED:
-        assert time.monotonic() < deadline, f"job {job_id} still {state} after {timeout} s"
-        time.sleep(0.5)
-    return state
 
 
 def wait_for_file(path: Path, timeout: float = 20) -> None:

@@ -4,11 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, SCRIPT_STAGES
+from helpers import REPO, SCRIPT_STAGES, output_of, run_python
+from slurm_fixture import FINISHED, job_field, submit, wait_for_job
+from test_checkpoint import assert_same_weights, final_weights
 
 SUBMIT_STAGES = [stage for stage in SCRIPT_STAGES if (stage / "submit_pm.sh").exists()]
 
@@ -44,3 +47,31 @@ def test_submit_from_elsewhere_says_where_to_submit(local_slurm, tmp_path):
                             env=local_slurm, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0
     assert "submit from the repository root" in (tmp_path / "out.txt").read_text()
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_path, tiny_data):
+    """Stage 03 on Slurm: the time-limit signal (sent on demand) makes the job checkpoint and requeue
+    itself; the requeued job resumes and ends with the same weights as an uninterrupted run."""
+    stage = REPO / "stages" / "03_checkpoint_restart"
+    arguments = ["--config", "quick", "--num_epochs", "8", "--data_root", tiny_data]
+    reference = run_python(stage / "train.py", *arguments, "--out_dir", tmp_path / "reference", cwd=tmp_path)
+    assert reference.returncode == 0, output_of(reference)
+
+    env = {**local_slurm, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{local_slurm['PATH']}"}
+    out_dir = tmp_path / "run"
+    job_id = submit(env, "-A", "tutorial", f"--chdir={REPO}", "stages/03_checkpoint_restart/submit_pm.sh",
+                    *map(str, arguments), "--out_dir", str(out_dir))  # fmt: skip
+    log = out_dir / "train.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "step 16/" in log.read_text()):
+        assert time.monotonic() < deadline and job_field(env, job_id, "JobState") not in FINISHED, "no progress"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+    state = wait_for_job(env, job_id, timeout=180)
+    output_file = REPO / f"slurm-03_checkpoint_restart-{job_id}.out"
+    output = output_file.read_text()
+    output_file.unlink()
+    assert state == "COMPLETED", output
+    assert job_field(env, job_id, "Restarts") == "1", output
+    assert "SIGUSR1 received: saved" in output and "restart 1" in output and "resuming from" in output, output
+    assert_same_weights(final_weights(out_dir), final_weights(tmp_path / "reference"))

@@ -1,0 +1,274 @@
+"""Stage 03: checkpoint-restart. Save everything a bit-exact resume needs; survive the Slurm time limit.
+
+    python stages/03_checkpoint_restart/train.py --config quick                   # resumes if it can
+    python stages/03_checkpoint_restart/train.py --config quick --signal_at_step 20  # stop there, as Slurm would
+"""
+
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `common` from any working directory
+import common
+
+STAGE = Path(__file__).parent.name
+log = logging.getLogger(STAGE)
+stop_signal = None  # set by the signal handler; the loop checkpoints and stops at the next step boundary
+
+
+def make_loaders(cfg):
+    data_dir = common.ensure_data(cfg.data_preset, cfg.data_root)
+    train_set = common.FieldDataset(data_dir, "train", augment=True, seed=cfg.seed)
+    val_set = common.FieldDataset(data_dir, "val")
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size)
+    if len(train_set) < cfg.batch_size:
+        raise common.UserError(f"--batch_size {cfg.batch_size} exceeds the {len(train_set)} training samples")
+    return train_set, val_loader
+
+
+def epoch_loader(train_set, cfg, epoch, first_batch):
+    """The batches of an epoch from first_batch on; the order depends on (seed, epoch) only, so a resumed
+    run sees exactly the batches the interrupted one would have seen."""
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    return DataLoader(train_set, batch_size=cfg.batch_size, sampler=order[first_batch * cfg.batch_size :].tolist(),
+                      drop_last=True)  # fmt: skip
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+
+
+def rng_states():
+    """Every random generator's state, as types that torch.load(weights_only=True) accepts."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(folder, state, keep_last):
+    """Write atomically (a temporary file, then a rename), then keep only the newest keep_last."""
+    path = folder / f"step-{state['step']:08d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the old file set or the new one, never half a file
+    for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(cfg, folder):
+    """The newest checkpoint that loads, or the one --resume names, or None."""
+    if cfg.resume == "none":
+        return None
+    candidates = [Path(cfg.resume)] if cfg.resume != "auto" else sorted(folder.glob("step-*.pt"), reverse=True)
+    for path in candidates:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated or corrupt: say so, and try the one before
+            log.warning(f"checkpoint {path} cannot be read ({type(error).__name__}): trying the previous one")
+            continue
+        model_config = {"base_channels": cfg.base_channels, "depth": cfg.depth}
+        if state["model_config"] != model_config:
+            raise common.UserError(f"{path} holds a model with {state['model_config']}, not {model_config}: "
+                                   "pass the same settings, or --resume none to start over")  # fmt: skip
+        log.info(f"resuming from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
+        return state
+    if cfg.resume != "auto":
+        raise common.UserError(f"cannot resume from {cfg.resume}: it is missing or corrupt")
+    return None
+
+
+def load_weights_for_inference(model, path):
+    """Load the weights of a checkpoint into a plain model, whether it was saved from a DDP-wrapped
+    (`module.` prefix) or a compiled (`_orig_mod.` prefix) model."""
+    weights = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    for prefix in ("module.", "_orig_mod."):
+        weights = {key.removeprefix(prefix): value for key, value in weights.items()}
+    model.load_state_dict(weights)
+    return model
+
+
+@torch.no_grad()
+def validate(model, loader, device):
+    """Mean loss and relative L2 error over the validation set, and the last batch for a picture."""
+    model.eval()
+    loss_sum, error_sum, count = 0.0, 0.0, 0
+    for delta, phi in loader:
+        delta, phi = delta.to(device), phi.to(device)
+        prediction = model(delta)
+        loss_sum += torch.nn.functional.mse_loss(prediction, phi, reduction="sum").item() / phi[0].numel()
+        error_sum += common.relative_l2(prediction, phi).item() * len(phi)
+        count += len(phi)
+    model.train()
+    return loss_sum / count, error_sum / count, (delta, phi, prediction)
+
+
+def train(cfg, out_dir):
+    device = common.choose_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    train_set, val_loader = make_loaders(cfg)
+    batches_per_epoch = len(train_set) // cfg.batch_size
+    baseline = train_set.meta["baseline_rel_l2"]
+
+    model = common.UNet(cfg.base_channels, cfg.depth).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.num_epochs * batches_per_epoch
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+
+    checkpoint_dir = out_dir / "checkpoints"
+    start_epoch, first_batch, step, epoch_loss, best_val_loss = 0, 0, 0, 0.0, math.inf
+    state = load_checkpoint(cfg, checkpoint_dir)
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"])
+        start_epoch, first_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        epoch_loss, best_val_loss = state["epoch_loss"], state["best_val_loss"]
+    try:
+        checkpoint_dir.mkdir(exist_ok=True)
+    except OSError as error:
+        raise common.UserError(f"cannot write checkpoints to {checkpoint_dir} ({error.strerror}): "
+                               "choose another --out_dir") from None  # fmt: skip
+    writer = SummaryWriter(out_dir / "tensorboard", purge_step=step + 1)  # drop events logged after the checkpoint
+
+    def checkpoint(epoch, batch_in_epoch):
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_states(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
+                 "epoch_loss": epoch_loss, "best_val_loss": best_val_loss,
+                 "model_config": {"base_channels": cfg.base_channels, "depth": cfg.depth}}  # fmt: skip
+        return save_checkpoint(checkpoint_dir, state, cfg.keep_last)
+
+    signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
+    signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel
+    log.info(f"{common.count_parameters(model):,} parameters on {common.hardware(device)}; {total_steps} steps")
+    log.info(f"physics baseline (linear solve): relative L2 error {baseline:.3f} on the validation set")
+
+    if start_epoch == cfg.num_epochs:
+        log.info(f"this run finished already (step {step}): pass --resume none to train again from scratch")
+        return common.read_summary(out_dir)
+    start, first_step = time.perf_counter(), step
+    train_time, wait_time = 0.0, 0.0
+    for epoch in range(start_epoch, cfg.num_epochs):
+        train_set.set_epoch(epoch)
+        window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+        step_start = time.perf_counter()
+        for batch_index, (delta, phi) in enumerate(epoch_loader(train_set, cfg, epoch, first_batch), first_batch):
+            window_wait += time.perf_counter() - step_start  # time spent waiting for this batch
+            delta, phi = delta.to(device), phi.to(device)
+            loss = torch.nn.functional.mse_loss(model(delta), phi)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            window_steps += 1
+            epoch_loss += loss.item()
+
+            if window_steps == cfg.log_every or batch_index == batches_per_epoch - 1:
+                elapsed = time.perf_counter() - window_start
+                samples_per_s = window_steps * cfg.batch_size / elapsed
+                wait_share = window_wait / elapsed
+                eta = (total_steps - step) * elapsed / window_steps
+                lr = scheduler.get_last_lr()[0]
+                log.info(
+                    f"step {step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                    f"{samples_per_s:.0f} samples/s | data wait {wait_share:.0%} | ETA {format_seconds(eta)}"
+                )
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("perf/samples_per_s", samples_per_s, step)
+                writer.add_scalar("perf/data_wait_share", wait_share, step)
+                train_time, wait_time = train_time + elapsed, wait_time + window_wait
+                window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+            if step == cfg.signal_at_step:  # to try it out: the signal Slurm sends before the time limit
+                os.kill(os.getpid(), signal.SIGUSR1)
+            if stop_signal or step % cfg.checkpoint_every == 0:
+                path = checkpoint(epoch, batch_index + 1)
+            if stop_signal:
+                log.info(f"{stop_signal} received: saved {path} at step {step}; run the same command to resume")
+                writer.close()
+                return None
+            step_start = time.perf_counter()
+
+        val_loss, val_error, examples = validate(model, val_loader, device)
+        train_loss = epoch_loss / batches_per_epoch
+        log.info(
+            f"epoch {epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
+            f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
+        )
+        writer.add_scalar("val/loss", val_loss, step)
+        writer.add_scalar("val/relative_l2", val_error, step)
+        writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), step)
+        if val_loss < best_val_loss:
+            best_val_loss = val_loss
+            torch.save({"model": model.state_dict(), "step": step, "val_loss": val_loss}, checkpoint_dir / ".best.tmp")
+            os.replace(checkpoint_dir / ".best.tmp", checkpoint_dir / "best.pt")
+        first_batch, epoch_loss = 0, 0.0
+        checkpoint(epoch + 1, 0)
+
+    writer.close()
+    return common.write_summary(
+        out_dir,
+        STAGE,
+        cfg,
+        device,
+        final_train_loss=train_loss,
+        final_val_loss=val_loss,
+        val_relative_l2=val_error,
+        baseline_relative_l2=baseline,
+        samples_per_s=(step - first_step) * cfg.batch_size / train_time,
+        data_wait_share=wait_time / train_time,
+        wall_time_s=time.perf_counter() - start,
+        steps=step,
+    )
+
+
+def format_seconds(seconds):
+    return time.strftime("%H:%M:%S", time.gmtime(max(0, math.ceil(seconds))))
+
+
+def main(argv=None):
+    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv)
+    out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir)
+    common.setup_logging(out_dir, STAGE)
+    log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
+    summary = train(cfg, out_dir)
+    if summary is None:
+        sys.exit(3)  # not 0: the run stopped early, with a checkpoint to resume from
+    log.info(
+        f"done in {summary['wall_time_s']:.0f} s: val relative L2 error {summary['val_relative_l2']:.3f} "
+        f"(baseline {summary['baseline_relative_l2']:.3f}), {summary['samples_per_s']:.0f} samples/s; "
+        f"summary in {out_dir / 'summary.json'}"
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except common.UserError as error:
+        sys.exit(f"error: {error}")

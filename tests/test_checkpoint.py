@@ -1,0 +1,129 @@
+"""Checkpoint-restart (stage 03 and every later stage): an interrupted and resumed run ends bit-identical."""
+
+import importlib.util
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+from helpers import REPO, output_of, run_python
+
+# Every stage that checkpoints joins these tests by adding its name here.
+RESUME_STAGES = [REPO / "stages" / name for name in ["03_checkpoint_restart"]]
+IDS = [stage.name for stage in RESUME_STAGES]
+INTERRUPTIONS = {"mid-epoch": 5, "epoch boundary": 16, "late": 27}  # the quick config runs 32 steps
+
+
+def train(stage, out_dir, data_root, *extra):
+    return run_python(stage / "train.py", "--config", "quick", "--out_dir", out_dir, "--data_root", data_root,
+                      *extra, cwd=out_dir.parent)  # fmt: skip
+
+
+def final_weights(out_dir):
+    newest = sorted((out_dir / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(newest, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_data):
+    """The final weights of an uninterrupted quick run, per stage."""
+    weights = {}
+    for stage in RESUME_STAGES:
+        out_dir = tmp_path_factory.mktemp(stage.name) / "run"
+        result = train(stage, out_dir, tiny_data)
+        assert result.returncode == 0, output_of(result)
+        weights[stage.name] = final_weights(out_dir)
+    return weights
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+@pytest.mark.parametrize("where", INTERRUPTIONS)
+def test_resumed_run_ends_bit_identical(stage, where, tmp_path, tiny_data, uninterrupted):
+    out_dir = tmp_path / "run"
+    stopped = train(stage, out_dir, tiny_data, "--signal_at_step", INTERRUPTIONS[where])
+    assert stopped.returncode == 3, output_of(stopped)
+    assert "SIGUSR1 received: saved" in stopped.stdout
+    resumed = train(stage, out_dir, tiny_data)
+    assert resumed.returncode == 0, output_of(resumed)
+    assert f"step {INTERRUPTIONS[where]}" in resumed.stdout.split("resuming from")[1].splitlines()[0]
+    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+@pytest.mark.parametrize("kill_after", [6.5, 8.0])
+def test_sigkill_at_any_moment_then_resume(stage, kill_after, tmp_path, tiny_data, uninterrupted):
+    """SIGKILL gives no chance to save: whatever moment it strikes, the resumed run completes the same."""
+    out_dir = tmp_path / "run"
+    kill_and_resume(stage, out_dir, tiny_data, kill_after)
+    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+
+
+def kill_and_resume(stage, out_dir, data_root, kill_after):
+    command = [sys.executable, stage / "train.py", "--config", "quick", "--out_dir", out_dir, "--data_root", data_root]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(kill_after)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = train(stage, out_dir, data_root)
+    assert resumed.returncode == 0, output_of(resumed)
+    assert "cannot be read" not in resumed.stdout, "a checkpoint on disk was corrupt: the save is not atomic"
+    return resumed
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(stage, tmp_path, tiny_data, uninterrupted):
+    out_dir = tmp_path / "run"
+    assert train(stage, out_dir, tiny_data, "--signal_at_step", 10).returncode == 3
+    newest = sorted((out_dir / "checkpoints").glob("step-*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[:5000])
+    resumed = train(stage, out_dir, tiny_data)
+    assert resumed.returncode == 0, output_of(resumed)
+    assert f"checkpoint {newest} cannot be read" in resumed.stdout and "step 8" in resumed.stdout
+    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_checkpoint_of_another_model_is_refused(stage, tmp_path, tiny_data):
+    out_dir = tmp_path / "run"
+    assert train(stage, out_dir, tiny_data, "--signal_at_step", 4).returncode == 3
+    result = train(stage, out_dir, tiny_data, "--base_channels", 16)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, output_of(result)
+    assert "'base_channels': 8" in result.stderr and "--resume none" in result.stderr
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_checkpoint_folder_that_cannot_be_written(stage, tmp_path, tiny_data):
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / "checkpoints").write_text("a file where the folder should be")
+    result = train(stage, out_dir, tiny_data)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, output_of(result)
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot write checkpoints")
+
+
+def load_stage(stage):
+    spec = importlib.util.spec_from_file_location(f"train_{stage.name}", stage / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+@pytest.mark.parametrize("wrapper", ["ddp", "compiled", "plain"])
+def test_load_weights_into_a_plain_model(stage, wrapper, tmp_path):
+    torch.manual_seed(0)
+    saved = common.UNet(8, 3)
+    prefix = {"ddp": "module.", "compiled": "_orig_mod.", "plain": ""}[wrapper]
+    torch.save({"model": {prefix + k: v for k, v in saved.state_dict().items()}}, tmp_path / "c.pt")
+    loaded = load_stage(stage).load_weights_for_inference(common.UNet(8, 3), tmp_path / "c.pt")
+    assert_same_weights(loaded.state_dict(), saved.state_dict())
