@@ -112,7 +112,7 @@ def test_checkpoint_folder_that_cannot_be_written(stage, tmp_path, tiny_data):
 
 
 def load_stage(stage):
-    spec = importlib.util.spec_from_file_location(f"train_{stage.name}", stage / "train.py")
+    spec = importlib.util.spec_from_file_location(f"predict_{stage.name}", stage / "predict.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -127,3 +127,14 @@ def test_load_weights_into_a_plain_model(stage, wrapper, tmp_path):
     torch.save({"model": {prefix + k: v for k, v in saved.state_dict().items()}}, tmp_path / "c.pt")
     loaded = load_stage(stage).load_weights_for_inference(common.UNet(8, 3), tmp_path / "c.pt")
     assert_same_weights(loaded.state_dict(), saved.state_dict())
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_predict_scores_the_best_checkpoint(stage, tmp_path, tiny_data):
+    out_dir = tmp_path / "run"
+    assert train(stage, out_dir, tiny_data).returncode == 0
+    summary = common.read_summary(out_dir)
+    result = run_python(stage / "predict.py", out_dir / "checkpoints" / "best.pt", "--data_root", tiny_data,
+                        cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, output_of(result)
+    assert f"validation relative L2 error {summary['val_relative_l2']:.3f}" in result.stdout

@@ -80,6 +80,11 @@ def save_checkpoint(folder, state, keep_last):
     return path
 
 
+def model_config(cfg):
+    """What a checkpoint's weights must match."""
+    return {"base_channels": cfg.base_channels, "depth": cfg.depth}
+
+
 def load_checkpoint(cfg, folder):
     """The newest checkpoint that loads, or the one --resume names, or None."""
     if cfg.resume == "none":
@@ -91,25 +96,14 @@ def load_checkpoint(cfg, folder):
         except Exception as error:  # truncated or corrupt: say so, and try the one before
             log.warning(f"checkpoint {path} cannot be read ({type(error).__name__}): trying the previous one")
             continue
-        model_config = {"base_channels": cfg.base_channels, "depth": cfg.depth}
-        if state["model_config"] != model_config:
-            raise common.UserError(f"{path} holds a model with {state['model_config']}, not {model_config}: "
+        if state["model_config"] != model_config(cfg):
+            raise common.UserError(f"{path} holds a model with {state['model_config']}, not {model_config(cfg)}: "
                                    "pass the same settings, or --resume none to start over")  # fmt: skip
         log.info(f"resuming from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
         return state
     if cfg.resume != "auto":
         raise common.UserError(f"cannot resume from {cfg.resume}: it is missing or corrupt")
     return None
-
-
-def load_weights_for_inference(model, path):
-    """Load the weights of a checkpoint into a plain model, whether it was saved from a DDP-wrapped
-    (`module.` prefix) or a compiled (`_orig_mod.` prefix) model."""
-    weights = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    for prefix in ("module.", "_orig_mod."):
-        weights = {key.removeprefix(prefix): value for key, value in weights.items()}
-    model.load_state_dict(weights)
-    return model
 
 
 @torch.no_grad()
@@ -160,7 +154,7 @@ def train(cfg, out_dir):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "rng": rng_states(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
                  "epoch_loss": epoch_loss, "best_val_loss": best_val_loss,
-                 "model_config": {"base_channels": cfg.base_channels, "depth": cfg.depth}}  # fmt: skip
+                 "model_config": model_config(cfg)}  # fmt: skip
         return save_checkpoint(checkpoint_dir, state, cfg.keep_last)
 
     signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
@@ -226,13 +220,16 @@ def train(cfg, out_dir):
         writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), step)
         if val_loss < best_val_loss:
             best_val_loss = val_loss
-            torch.save({"model": model.state_dict(), "step": step, "val_loss": val_loss}, checkpoint_dir / ".best.tmp")
+            best = {"model": model.state_dict(), "model_config": model_config(cfg), "step": step, "val_loss": val_loss}
+            torch.save(best, checkpoint_dir / ".best.tmp")
             os.replace(checkpoint_dir / ".best.tmp", checkpoint_dir / "best.pt")
         first_batch, epoch_loss = 0, 0.0
-        checkpoint(epoch + 1, 0)
+        if epoch + 1 < cfg.num_epochs:  # the last one is saved after the summary: a finished run has both
+            checkpoint(epoch + 1, 0)
 
     writer.close()
-    return common.write_summary(
+    train_time = train_time or math.nan  # nan, not a made-up figure, if this process resumed at the very end
+    summary = common.write_summary(
         out_dir,
         STAGE,
         cfg,
@@ -246,6 +243,8 @@ def train(cfg, out_dir):
         wall_time_s=time.perf_counter() - start,
         steps=step,
     )
+    checkpoint(cfg.num_epochs, 0)
+    return summary
 
 
 def format_seconds(seconds):
