@@ -43,16 +43,16 @@ def main():
         delay = rng.uniform(5.0, 9.0)  # start-up takes ~5 s on 2 cores; the 32 steps take a few more
         out_dir = work / f"point{point}"
         try:
-            kill_and_resume(stage, out_dir, work / "data", delay)
+            newest_at_kill = kill_and_resume(stage, out_dir, work / "data", delay)
             weights = final_weights(out_dir)
             same = all(torch.equal(weights[k], expected[k]) for k in expected)
             outcome = "identical" if same else "different"
         except AssertionError as error:
-            outcome = "failed"
+            outcome, newest_at_kill = "failed", "?"
             print(error)
-        checkpoints = len(list((out_dir / "checkpoints").glob("step-*.pt")))
         tally[outcome] += 1
-        print(f"point {point + 1}/{args.points}: killed after {delay:.2f} s -> {outcome} ({checkpoints} kept)")
+        print(f"point {point + 1}/{args.points}: killed after {delay:.2f} s (newest on disk: {newest_at_kill}), "
+              f"resumed -> {outcome}")  # fmt: skip
     print(f"tally: {tally['identical']} identical, {tally['different']} different, {tally['failed']} failed"
           f" of {args.points} (work folder {work})")  # fmt: skip
     sys.exit(0 if tally["identical"] == args.points else 1)
