@@ -3,7 +3,8 @@
     python tests/soak_kill.py                      # 20 random kill points on stage 03
     python tests/soak_kill.py --points 50 --stage 03_checkpoint_restart
 
-Each point starts a fresh run, kills it after a random delay (some land inside a checkpoint write),
+Each point starts a fresh run, kills it a random delay after a random logged step (a checkpoint is
+written every 4 steps, so some kills land inside a write),
 resumes it to the end, and checks that the final weights are bit-identical to an uninterrupted run and
 that no corrupt checkpoint was ever met. Prints one line per point and the tally.
 """
@@ -40,10 +41,10 @@ def main():
 
     tally = {"identical": 0, "different": 0, "failed": 0}
     for point in range(args.points):
-        delay = rng.uniform(5.0, 9.0)  # start-up takes ~5 s on 2 cores; the 32 steps take a few more
+        after_step, delay = rng.choice([8, 16, 24]), rng.uniform(0.0, 0.3)  # steps are ~50 ms apart here
         out_dir = work / f"point{point}"
         try:
-            newest_at_kill = kill_and_resume(stage, out_dir, work / "data", delay)
+            newest_at_kill = kill_and_resume(stage, out_dir, work / "data", after_step, delay)
             weights = final_weights(out_dir)
             same = all(torch.equal(weights[k], expected[k]) for k in expected)
             outcome = "identical" if same else "different"
@@ -51,7 +52,8 @@ def main():
             outcome, newest_at_kill = "failed", "?"
             print(error)
         tally[outcome] += 1
-        print(f"point {point + 1}/{args.points}: killed after {delay:.2f} s (newest on disk: {newest_at_kill}), "
+        print(f"point {point + 1}/{args.points}: killed {delay:.2f} s after step {after_step} (newest on disk: "
+              f"{newest_at_kill}), "
               f"resumed -> {outcome}")  # fmt: skip
     print(f"tally: {tally['identical']} identical, {tally['different']} different, {tally['failed']} failed"
           f" of {args.points} (work folder {work})")  # fmt: skip

@@ -1,6 +1,7 @@
 """Checkpoint-restart (stage 03 and every later stage): an interrupted and resumed run ends bit-identical."""
 
 import importlib.util
+import os
 import signal
 import subprocess
 import sys
@@ -60,21 +61,29 @@ def test_resumed_run_ends_bit_identical(stage, where, tmp_path, tiny_data, unint
 
 
 @pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
-@pytest.mark.parametrize("kill_after", [6.5, 8.0])
-def test_sigkill_at_any_moment_then_resume(stage, kill_after, tmp_path, tiny_data, uninterrupted):
+@pytest.mark.parametrize(("after_step", "delay"), [(8, 0.02), (16, 0.15)])
+def test_sigkill_at_any_moment_then_resume(stage, after_step, delay, tmp_path, tiny_data, uninterrupted):
     """SIGKILL gives no chance to save: whatever moment it strikes, the resumed run completes the same."""
     out_dir = tmp_path / "run"
-    kill_and_resume(stage, out_dir, tiny_data, kill_after)
+    newest = kill_and_resume(stage, out_dir, tiny_data, after_step, delay)
+    assert newest != "step-00000032.pt", "the kill came after the run had finished: it tested nothing"
     assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
 
 
-def kill_and_resume(stage, out_dir, data_root, kill_after):
+def kill_and_resume(stage, out_dir, data_root, after_step, delay):
+    """Start a quick run, SIGKILL it `delay` seconds after it logs step `after_step`, then resume it.
+    Returns the newest checkpoint on disk at the moment of the kill."""
     command = [sys.executable, stage / "train.py", "--config", "quick", "--out_dir", out_dir, "--data_root", data_root]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(kill_after)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each log line reaches us when it is written
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in process.stdout:
+        if f"step {after_step}/" in line:
+            break
+    time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    on_disk = sorted((out_dir / "checkpoints").glob("step-*.pt")) if (out_dir / "checkpoints").is_dir() else []
+    process.stdout.close()
+    on_disk = sorted((out_dir / "checkpoints").glob("step-*.pt"))
     resumed = train(stage, out_dir, data_root)
     assert resumed.returncode == 0, output_of(resumed)
     assert "cannot be read" not in resumed.stdout, "a checkpoint on disk was corrupt: the save is not atomic"

@@ -12,7 +12,7 @@ import common
 import readme_sync
 from helpers import REPO, STAGES, output_of, run_python
 
-SKIP_DIRS = {".venv", "runs", "generated", ".git", "node_modules", ".slurm"}
+SKIP_DIRS = {".venv", "runs", "generated", ".git", "node_modules", ".slurm", ".pytest_cache", ".ruff_cache"}
 MARKDOWN = sorted(p for p in REPO.rglob("*.md") if not SKIP_DIRS & set(p.relative_to(REPO).parts))
 IDS = [str(p.relative_to(REPO)) for p in MARKDOWN]
 TOP_LEVEL = ("stages/", "data/", "slurm/", "notebooks/", "example_logs/", "tutorial_images/", "docker/", "tests/",
