@@ -70,9 +70,9 @@ def test_sigkill_at_any_moment_then_resume(stage, after_step, delay, tmp_path, t
     assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
 
 
-def kill_and_resume(stage, out_dir, data_root, after_step, delay):
-    """Start a quick run, SIGKILL it `delay` seconds after it logs step `after_step`, then resume it.
-    Returns the newest checkpoint on disk at the moment of the kill."""
+def interrupt(stage, out_dir, data_root, after_step, delay, signal_number):
+    """Start a quick run and send it a signal `delay` seconds after it logs step `after_step`.
+    Returns its exit code and the rest of its output."""
     command = [sys.executable, stage / "train.py", "--config", "quick", "--out_dir", out_dir, "--data_root", data_root]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each log line reaches us when it is written
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -80,9 +80,26 @@ def kill_and_resume(stage, out_dir, data_root, after_step, delay):
         if f"step {after_step}/" in line:
             break
     time.sleep(delay)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stdout.close()
+    process.send_signal(signal_number)
+    rest = process.stdout.read()
+    return process.wait(), rest
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_sigterm_saves_and_the_next_run_resumes(stage, tmp_path, tiny_data, uninterrupted):
+    """Preemption and scancel send SIGTERM: the run saves at the next step and exits; a rerun resumes."""
+    out_dir = tmp_path / "run"
+    code, output = interrupt(stage, out_dir, tiny_data, 8, 0.0, signal.SIGTERM)
+    assert code == 3 and "SIGTERM received: saved" in output, output
+    resumed = train(stage, out_dir, tiny_data)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
+    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+
+
+def kill_and_resume(stage, out_dir, data_root, after_step, delay):
+    """SIGKILL a quick run `delay` seconds after it logs step `after_step`, then resume it.
+    Returns the newest checkpoint on disk at the moment of the kill."""
+    interrupt(stage, out_dir, data_root, after_step, delay, signal.SIGKILL)
     on_disk = sorted((out_dir / "checkpoints").glob("step-*.pt"))
     resumed = train(stage, out_dir, data_root)
     assert resumed.returncode == 0, output_of(resumed)
