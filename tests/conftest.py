@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny data set, generated once per test session, and the local Slurm cluster."""
+"""Shared fixtures: the tiny data set, generated once per test session, and the local Slurm cluster.
+(The environment every test runs in is set in the conftest.py at the repository root.)"""
 
 import pytest
 

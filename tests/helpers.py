@@ -10,7 +10,7 @@ STAGES = sorted(p for p in (REPO / "stages").iterdir() if p.is_dir() and p.name[
 SCRIPT_STAGES = [p for p in STAGES if (p / "train.py").exists()]
 
 
-def run_python(*args, cwd, env=None, timeout=900):
+def run_python(*args, cwd, env=None, timeout=900, **popen):
     """Run `python args...` in a subprocess from `cwd`, capturing its output as text."""
     return subprocess.run(
         [sys.executable, *map(str, args)],
@@ -19,6 +19,7 @@ def run_python(*args, cwd, env=None, timeout=900):
         capture_output=True,
         text=True,
         timeout=timeout,
+        **popen,
     )
 
 

@@ -1,4 +1,4 @@
-"""Soak test of checkpoint-restart: SIGKILL a quick run at random moments, resume, compare the weights.
+"""Soak test of checkpoint-restart: SIGKILL a run (the small `test` config) at random moments, resume, compare.
 
     python tests/soak_kill.py                      # 20 random kill points on stage 03
     python tests/soak_kill.py --points 50 --stage 03_checkpoint_restart

@@ -1,7 +1,10 @@
 """Checkpoint-restart (stage 03 and every later stage): an interrupted and resumed run ends bit-identical."""
 
 import importlib.util
+import json
+import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -16,12 +19,13 @@ from helpers import REPO, output_of, run_python
 # Every stage that checkpoints joins these tests by adding its name here.
 RESUME_STAGES = [REPO / "stages" / name for name in ["03_checkpoint_restart"]]
 IDS = [stage.name for stage in RESUME_STAGES]
-INTERRUPTIONS = {"mid-epoch": 5, "epoch boundary": 16, "late": 27}  # the quick config runs 32 steps
+INTERRUPTIONS = {"mid-epoch": 5, "epoch boundary": 16, "late": 27}  # the test config runs 32 steps
 
 
-def train(stage, out_dir, data_root, *extra):
-    return run_python(stage / "train.py", "--config", "quick", "--out_dir", out_dir, "--data_root", data_root,
-                      *extra, cwd=out_dir.parent)  # fmt: skip
+def train(stage, out_dir, data_root, *extra, env=None, **popen):
+    """A run of the small `test` config, which these tests start many times."""
+    return run_python(stage / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root,
+                      *extra, cwd=out_dir.parent, env=env, **popen)  # fmt: skip
 
 
 def final_weights(out_dir):
@@ -37,7 +41,7 @@ def assert_same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_data):
-    """The final weights of an uninterrupted quick run, per stage."""
+    """The final weights of an uninterrupted run of the test config, per stage."""
     weights = {}
     for stage in RESUME_STAGES:
         out_dir = tmp_path_factory.mktemp(stage.name) / "run"
@@ -71,9 +75,9 @@ def test_sigkill_at_any_moment_then_resume(stage, after_step, delay, tmp_path, t
 
 
 def interrupt(stage, out_dir, data_root, after_step, delay, signal_number):
-    """Start a quick run and send it a signal `delay` seconds after it logs step `after_step`.
+    """Start a run and send it a signal `delay` seconds after it logs step `after_step`.
     Returns its exit code and the rest of its output."""
-    command = [sys.executable, stage / "train.py", "--config", "quick", "--out_dir", out_dir, "--data_root", data_root]
+    command = [sys.executable, stage / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each log line reaches us when it is written
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in process.stdout:
@@ -97,7 +101,7 @@ def test_sigterm_saves_and_the_next_run_resumes(stage, tmp_path, tiny_data, unin
 
 
 def kill_and_resume(stage, out_dir, data_root, after_step, delay):
-    """SIGKILL a quick run `delay` seconds after it logs step `after_step`, then resume it.
+    """SIGKILL a run `delay` seconds after it logs step `after_step`, then resume it.
     Returns the newest checkpoint on disk at the moment of the kill."""
     interrupt(stage, out_dir, data_root, after_step, delay, signal.SIGKILL)
     on_disk = sorted((out_dir / "checkpoints").glob("step-*.pt"))
@@ -125,7 +129,7 @@ def test_checkpoint_of_another_model_is_refused(stage, tmp_path, tiny_data):
     assert train(stage, out_dir, tiny_data, "--signal_at_step", 4).returncode == 3
     result = train(stage, out_dir, tiny_data, "--base_channels", 16)
     assert result.returncode != 0 and "Traceback" not in result.stderr, output_of(result)
-    assert "'base_channels': 8" in result.stderr and "--resume none" in result.stderr
+    assert "base_channels 8 there, 16 now" in result.stderr and "--resume none" in result.stderr
 
 
 @pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
@@ -165,3 +169,153 @@ def test_predict_scores_the_best_checkpoint(stage, tmp_path, tiny_data):
                         cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, output_of(result)
     assert f"validation relative L2 error {summary['val_relative_l2']:.3f}" in result.stdout
+
+
+def checkpoint_files(out_dir):
+    """{name: bytes} of every file in the checkpoint folder, temporary files included."""
+    return {path.name: path.read_bytes() for path in sorted((out_dir / "checkpoints").iterdir())}
+
+
+def expect_one_line_error(result, *fragments):
+    assert result.returncode not in (0, 3) and "Traceback" not in result.stderr, output_of(result)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and all(f in last_line for f in fragments), output_of(result)
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_resume_none_starts_over_and_keeps_the_earlier_run(stage, tmp_path, tiny_data, uninterrupted):
+    """--resume none trains from scratch; the earlier run's files move to earlier/, so a later --resume auto
+    continues the new run, never the old one (whose checkpoints have higher step numbers)."""
+    out_dir = tmp_path / "run"
+    assert train(stage, out_dir, tiny_data, "--signal_at_step", 20).returncode == 3
+    old_files = checkpoint_files(out_dir)
+    restarted = train(stage, out_dir, tiny_data, "--resume", "none", "--signal_at_step", 8)
+    assert restarted.returncode == 3 and "resuming from" not in restarted.stdout, output_of(restarted)
+    [earlier] = (out_dir / "earlier").iterdir()
+    assert checkpoint_files(earlier) == old_files, "the earlier run's checkpoints were moved, unchanged"
+    assert f"moved the earlier run's files to {earlier}" in restarted.stdout
+    resumed = train(stage, out_dir, tiny_data)
+    assert resumed.returncode == 0 and "step-00000008.pt: epoch 1, step 8" in resumed.stdout, output_of(resumed)
+    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+@pytest.mark.parametrize("earlier", ["finished", "interrupted"])
+def test_resume_with_other_settings_is_refused(stage, earlier, tmp_path, tiny_data):
+    """A rerun with another learning rate must not print the old result, nor continue the old run with the new
+    rate: it stops, names the difference and the two ways out, and leaves every file as it was."""
+    out_dir = tmp_path / "run"
+    first = train(stage, out_dir, tiny_data, *(["--signal_at_step", "10"] if earlier == "interrupted" else []))
+    assert first.returncode == (0 if earlier == "finished" else 3), output_of(first)
+    files = checkpoint_files(out_dir)
+    summary = (out_dir / "summary.json").read_bytes() if earlier == "finished" else None
+    result = train(stage, out_dir, tiny_data, "--lr", "1e-3", "--batch_size", "16")
+    expect_one_line_error(result, "lr 0.002 there, 0.001 now", "batch_size 32 there, 16 now", "--out_dir",
+                          "--resume none")  # fmt: skip
+    assert checkpoint_files(out_dir) == files
+    if summary:
+        assert (out_dir / "summary.json").read_bytes() == summary
+    elsewhere = train(stage, tmp_path / "new experiment", tiny_data, "--lr", "1e-3", "--num_epochs", "1")
+    assert elsewhere.returncode == 0, output_of(elsewhere)
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_ctrl_c_saves_and_the_next_run_resumes(stage, tmp_path, tiny_data, uninterrupted):
+    out_dir = tmp_path / "run"
+    code, output = interrupt(stage, out_dir, tiny_data, 8, 0.0, signal.SIGINT)
+    assert code == 3 and "SIGINT received: saved" in output, output
+    resumed = train(stage, out_dir, tiny_data)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
+    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+
+
+def limit_file_size():
+    """In the child: no file may grow beyond 200 kB, as if the disk were full. (A checkpoint of the test
+    config is about 370 kB; the log and TensorBoard files stay far below.)"""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_full_disk_during_a_checkpoint_loses_nothing(stage, tmp_path, tiny_data, uninterrupted):
+    out_dir = tmp_path / "run"
+    assert train(stage, out_dir, tiny_data, "--signal_at_step", 8).returncode == 3
+    saved = checkpoint_files(out_dir)
+    full = train(stage, out_dir, tiny_data, preexec_fn=limit_file_size)
+    expect_one_line_error(full, "cannot write", "step-00000012.pt", "free some space")
+    assert checkpoint_files(out_dir) == saved, "no temporary file left behind, the saved checkpoints untouched"
+    resumed = train(stage, out_dir, tiny_data)
+    assert resumed.returncode == 0 and "step-00000008.pt" in resumed.stdout, output_of(resumed)
+    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_summary_of_a_resumed_run_describes_the_whole_run(stage, tmp_path, tiny_data):
+    """Stopped at the very last step, the second process trains nothing: the figures must still cover the run."""
+    out_dir = tmp_path / "run"
+    first = train(stage, out_dir, tiny_data, "--signal_at_step", 32)
+    assert first.returncode == 3, output_of(first)
+    resumed = train(stage, out_dir, tiny_data, "--resume", str(out_dir / "checkpoints" / "step-00000032.pt"))
+    assert resumed.returncode == 0, output_of(resumed)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["steps"] == 32 and summary["processes"] == 2
+    assert math.isfinite(summary["samples_per_s"]) and summary["samples_per_s"] > 0
+    assert 0 < summary["data_wait_share"] < 1
+    first_wall_time = [line for line in first.stdout.splitlines() if "step 32/32" in line]
+    assert first_wall_time and summary["wall_time_s"] > 0.5, "two processes, at least half a second of training"
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_resume_from_best_pt_says_what_to_use(stage, tmp_path, tiny_data):
+    out_dir = tmp_path / "run"
+    assert train(stage, out_dir, tiny_data, "--num_epochs", "1").returncode == 0
+    result = train(stage, tmp_path / "other", tiny_data, "--num_epochs", "1",
+                   "--resume", out_dir / "checkpoints" / "best.pt")  # fmt: skip
+    expect_one_line_error(result, "best.pt holds no training state", "step-*.pt")
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_a_diverging_run_stops_and_says_what_to_try(stage, tmp_path, tiny_data):
+    out_dir = tmp_path / "run"
+    result = train(stage, out_dir, tiny_data, "--lr", "1e30")
+    expect_one_line_error(result, "training diverged", "smaller --lr")
+    assert not (out_dir / "summary.json").exists(), "no summary of a run that failed"
+
+
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_deterministic_mode_runs_on_a_cpu_and_changes_nothing_there(stage, tmp_path, tiny_data, uninterrupted):
+    out_dir = tmp_path / "run"
+    result = train(stage, out_dir, tiny_data, "--deterministic", "true")
+    assert result.returncode == 0, output_of(result)
+    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run `pytest -k cuda` on a GPU node")
+@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
+def test_cuda_resume_is_bit_exact_with_deterministic_true(stage, tmp_path, tiny_data):
+    """On a GPU, bit-exact resume needs --deterministic true (see the stage 03 README for what it costs)."""
+    settings = ["--device", "cuda", "--deterministic", "true", "--num_epochs", "4"]
+    whole = train(stage, tmp_path / "whole", tiny_data, *settings)
+    assert whole.returncode == 0, output_of(whole)
+    stopped = train(stage, tmp_path / "stopped", tiny_data, *settings, "--signal_at_step", 37)
+    assert stopped.returncode == 3, output_of(stopped)
+    resumed = train(stage, tmp_path / "stopped", tiny_data, *settings)
+    assert resumed.returncode == 0 and "step 37" in resumed.stdout, output_of(resumed)
+    assert_same_weights(final_weights(tmp_path / "stopped"), final_weights(tmp_path / "whole"))
+
+
+def test_predict_defaults_to_the_data_the_checkpoint_was_trained_on(tmp_path, tiny_data):
+    """A checkpoint trained on preset 'small' must be scored on 'small', not on the default. (Here a copy of the
+    tiny data stands in for 'small', so that the test needs no large data.)"""
+    stage = RESUME_STAGES[0]
+    data_root = tmp_path / "data"
+    (data_root / "small").mkdir(parents=True)
+    for name in ("train.npy", "val.npy", "meta.json"):
+        (data_root / "small" / name).write_bytes((tiny_data / "tiny" / name).read_bytes())
+    out_dir = tmp_path / "run"
+    assert train(stage, out_dir, data_root, "--data_preset", "small").returncode == 0
+    summary = common.read_summary(out_dir)
+    result = run_python(stage / "predict.py", out_dir / "checkpoints" / "best.pt", "--data_root", data_root,
+                        cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, output_of(result)
+    assert f"error {summary['val_relative_l2']:.3f}" in result.stdout and "on preset 'small'" in result.stdout
+    assert not (data_root / "tiny").exists(), "predict.py did not fall back to another preset"

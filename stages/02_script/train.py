@@ -20,6 +20,9 @@ import common
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
+# The values each setting may take, checked when the config is read: a bad one stops with a one-line error.
+LIMITS = {"data_preset": list(common.PRESETS), "seed": ">= 0", "base_channels": ">= 1", "depth": ">= 1", "lr": "> 0",
+          "batch_size": ">= 1", "weight_decay": ">= 0", "num_epochs": ">= 1", "log_every": ">= 1"}  # fmt: skip
 
 
 def make_loaders(cfg):
@@ -33,6 +36,7 @@ def make_loaders(cfg):
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size)
     if len(train_loader) == 0:
         raise common.UserError(f"--batch_size {cfg.batch_size} exceeds the {len(train_set)} training samples")
+    common.check_depth(cfg.depth, train_set.meta["grid"])
     return train_set, train_loader, val_loader
 
 
@@ -75,6 +79,9 @@ def train(cfg, out_dir):
             window_wait += time.perf_counter() - step_start  # time spent waiting for this batch
             delta, phi = delta.to(device), phi.to(device)
             loss = torch.nn.functional.mse_loss(model(delta), phi)
+            if not torch.isfinite(loss):
+                raise common.UserError(f"the loss is {loss.item()} at step {step + 1}: training diverged; "
+                                       f"try a smaller --lr (this run: {cfg.lr})")  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -133,7 +140,7 @@ def format_seconds(seconds):
 
 
 def main(argv=None):
-    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv)
+    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv, LIMITS)
     out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir)
     common.setup_logging(out_dir, STAGE)
     log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
@@ -150,3 +157,5 @@ if __name__ == "__main__":
         main()
     except common.UserError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted (Ctrl-C)")

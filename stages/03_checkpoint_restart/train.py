@@ -7,22 +7,28 @@
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `common` from any working directory
+import checkpoints
 import common
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
+# The values each setting may take, checked when the config is read: a bad one stops with a one-line error.
+LIMITS = {"data_preset": list(common.PRESETS), "seed": ">= 0", "base_channels": ">= 1", "depth": ">= 1", "lr": "> 0",
+          "batch_size": ">= 1", "weight_decay": ">= 0", "num_epochs": ">= 1", "log_every": ">= 1",
+          "checkpoint_every": ">= 1", "keep_last": ">= 1", "signal_at_step": ">= 0"}  # fmt: skip
+# Settings a resumed run may change. All the others define the run: a checkpoint resumes only with the same.
+MAY_CHANGE_ON_RESUME = {"config", "data_root", "out_dir", "device", "log_every", "checkpoint_every", "keep_last",
+                        "resume", "signal_at_step"}  # fmt: skip
 stop_signal = None  # set by the signal handler; the loop checkpoints and stops at the next step boundary
 
 
@@ -33,6 +39,7 @@ def make_loaders(cfg):
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size)
     if len(train_set) < cfg.batch_size:
         raise common.UserError(f"--batch_size {cfg.batch_size} exceeds the {len(train_set)} training samples")
+    common.check_depth(cfg.depth, train_set.meta["grid"])
     return train_set, val_loader
 
 
@@ -47,63 +54,20 @@ def epoch_loader(train_set, cfg, epoch, first_batch):
 def request_stop(signum, frame):
     global stop_signal
     stop_signal = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # a second Ctrl-C quits at once, without saving
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def rng_states():
-    """Every random generator's state, as types that torch.load(weights_only=True) accepts."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+def make_deterministic():
+    """Only deterministic GPU kernels, some of them slower: then a resumed run is bit-exact on a GPU too."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, so before any GPU work
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
-def set_rng_states(states):
-    random.setstate(states["python"])
-    name, keys, position, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def save_checkpoint(folder, state, keep_last):
-    """Write atomically (a temporary file, then a rename), then keep only the newest keep_last."""
-    path = folder / f"step-{state['step']:08d}.pt"
-    tmp = folder / f".{path.name}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the old file set or the new one, never half a file
-    for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
-        old.unlink()
-    return path
-
-
-def model_config(cfg):
-    """What a checkpoint's weights must match."""
-    return {"base_channels": cfg.base_channels, "depth": cfg.depth}
-
-
-def load_checkpoint(cfg, folder):
-    """The newest checkpoint that loads, or the one --resume names, or None."""
-    if cfg.resume == "none":
-        return None
-    candidates = [Path(cfg.resume)] if cfg.resume != "auto" else sorted(folder.glob("step-*.pt"), reverse=True)
-    for path in candidates:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # truncated or corrupt: say so, and try the one before
-            log.warning(f"checkpoint {path} cannot be read ({type(error).__name__}): trying the previous one")
-            continue
-        if state["model_config"] != model_config(cfg):
-            raise common.UserError(f"{path} holds a model with {state['model_config']}, not {model_config(cfg)}: "
-                                   "pass the same settings, or --resume none to start over")  # fmt: skip
-        log.info(f"resuming from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
-        return state
-    if cfg.resume != "auto":
-        raise common.UserError(f"cannot resume from {cfg.resume}: it is missing or corrupt")
-    return None
+def run_settings(cfg):
+    """The settings that define this run; they are stored in every checkpoint."""
+    return {key: value for key, value in vars(cfg).items() if key not in MAY_CHANGE_ON_RESUME}
 
 
 @torch.no_grad()
@@ -122,6 +86,8 @@ def validate(model, loader, device):
 
 
 def train(cfg, out_dir):
+    if cfg.deterministic:
+        make_deterministic()
     device = common.choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
     train_set, val_loader = make_loaders(cfg)
@@ -135,14 +101,19 @@ def train(cfg, out_dir):
 
     checkpoint_dir = out_dir / "checkpoints"
     start_epoch, first_batch, step, epoch_loss, best_val_loss = 0, 0, 0, 0.0, math.inf
-    state = load_checkpoint(cfg, checkpoint_dir)
+    # Summed over every process of this run, so that summary.json describes the whole run.
+    totals = {"train_time": 0.0, "wait_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "processes": 0}
+    state = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg))
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"])
+        checkpoints.set_rng_states(state["rng"])
         start_epoch, first_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        epoch_loss, best_val_loss = state["epoch_loss"], state["best_val_loss"]
+        epoch_loss, best_val_loss, totals = state["epoch_loss"], state["best_val_loss"], state["totals"]
+        if device.type == "cpu" and state["threads"] != torch.get_num_threads():  # see the README: bit-exact resume
+            log.warning(f"{torch.get_num_threads()} CPU threads now, {state['threads']} before: results may differ")
+    totals["processes"] += 1
     try:
         checkpoint_dir.mkdir(exist_ok=True)
     except OSError as error:
@@ -152,21 +123,22 @@ def train(cfg, out_dir):
 
     def checkpoint(epoch, batch_in_epoch):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_states(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
-                 "epoch_loss": epoch_loss, "best_val_loss": best_val_loss,
-                 "model_config": model_config(cfg)}  # fmt: skip
-        return save_checkpoint(checkpoint_dir, state, cfg.keep_last)
+                 "rng": checkpoints.rng_states(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
+                 "epoch_loss": epoch_loss, "best_val_loss": best_val_loss, "settings": run_settings(cfg),
+                 "totals": {**totals, "wall_time": totals["wall_time"] + time.perf_counter() - start},
+                 "threads": torch.get_num_threads()}  # fmt: skip
+        return checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last)
 
     signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
     signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel
+    signal.signal(signal.SIGINT, request_stop)  # Ctrl-C
     log.info(f"{common.count_parameters(model):,} parameters on {common.hardware(device)}; {total_steps} steps")
     log.info(f"physics baseline (linear solve): relative L2 error {baseline:.3f} on the validation set")
 
     if start_epoch == cfg.num_epochs:
         log.info(f"this run finished already (step {step}): pass --resume none to train again from scratch")
         return common.read_summary(out_dir)
-    start, first_step = time.perf_counter(), step
-    train_time, wait_time = 0.0, 0.0
+    start = time.perf_counter()
     for epoch in range(start_epoch, cfg.num_epochs):
         train_set.set_epoch(epoch)
         window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
@@ -175,6 +147,9 @@ def train(cfg, out_dir):
             window_wait += time.perf_counter() - step_start  # time spent waiting for this batch
             delta, phi = delta.to(device), phi.to(device)
             loss = torch.nn.functional.mse_loss(model(delta), phi)
+            if not torch.isfinite(loss):
+                raise common.UserError(f"the loss is {loss.item()} at step {step + 1}: training diverged; "
+                                       f"try a smaller --lr (this run: {cfg.lr})")  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -197,7 +172,9 @@ def train(cfg, out_dir):
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("perf/samples_per_s", samples_per_s, step)
                 writer.add_scalar("perf/data_wait_share", wait_share, step)
-                train_time, wait_time = train_time + elapsed, wait_time + window_wait
+                totals["train_time"] += elapsed
+                totals["wait_time"] += window_wait
+                totals["timed_steps"] += window_steps
                 window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
             if step == cfg.signal_at_step:  # to try it out: the signal Slurm sends before the time limit
                 os.kill(os.getpid(), signal.SIGUSR1)
@@ -220,15 +197,13 @@ def train(cfg, out_dir):
         writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), step)
         if val_loss < best_val_loss:
             best_val_loss = val_loss
-            best = {"model": model.state_dict(), "model_config": model_config(cfg), "step": step, "val_loss": val_loss}
-            torch.save(best, checkpoint_dir / ".best.tmp")
-            os.replace(checkpoint_dir / ".best.tmp", checkpoint_dir / "best.pt")
+            best = {"model": model.state_dict(), "settings": run_settings(cfg), "step": step, "val_loss": val_loss}
+            checkpoints.save_atomically(best, checkpoint_dir / "best.pt")
         first_batch, epoch_loss = 0, 0.0
         if epoch + 1 < cfg.num_epochs:  # the last one is saved after the summary: a finished run has both
             checkpoint(epoch + 1, 0)
 
     writer.close()
-    train_time = train_time or math.nan  # nan, not a made-up figure, if this process resumed at the very end
     summary = common.write_summary(
         out_dir,
         STAGE,
@@ -238,10 +213,11 @@ def train(cfg, out_dir):
         final_val_loss=val_loss,
         val_relative_l2=val_error,
         baseline_relative_l2=baseline,
-        samples_per_s=(step - first_step) * cfg.batch_size / train_time,
-        data_wait_share=wait_time / train_time,
-        wall_time_s=time.perf_counter() - start,
+        samples_per_s=totals["timed_steps"] * cfg.batch_size / totals["train_time"],
+        data_wait_share=totals["wait_time"] / totals["train_time"],
+        wall_time_s=totals["wall_time"] + time.perf_counter() - start,
         steps=step,
+        processes=totals["processes"],
     )
     checkpoint(cfg.num_epochs, 0)
     return summary
@@ -252,10 +228,13 @@ def format_seconds(seconds):
 
 
 def main(argv=None):
-    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv)
+    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv, LIMITS)
     out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir)
+    earlier = checkpoints.set_aside_earlier_run(out_dir) if cfg.resume == "none" else None
     common.setup_logging(out_dir, STAGE)
     log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
+    if earlier:
+        log.info(f"--resume none: moved the earlier run's files to {earlier} (delete it when you no longer need it)")
     summary = train(cfg, out_dir)
     if summary is None:
         sys.exit(3)  # not 0: the run stopped early, with a checkpoint to resume from
@@ -271,3 +250,5 @@ if __name__ == "__main__":
         main()
     except common.UserError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted (Ctrl-C)")

@@ -21,7 +21,7 @@ from .run import (
     to_pil,
     write_summary,
 )
-from .unet import UNet, count_parameters
+from .unet import UNet, check_depth, count_parameters
 
 __all__ = [
     "FieldDataset",
@@ -30,6 +30,7 @@ __all__ = [
     "UNet",
     "UserError",
     "check_data",
+    "check_depth",
     "choose_device",
     "colorize",
     "count_parameters",

@@ -1,10 +1,13 @@
 """What every stage does the same way: configs, paths, device, logging, the run summary, images."""
 
 import argparse
+import fcntl
 import json
 import logging
+import math
 import os
 import platform
+import re
 import socket
 import sys
 from pathlib import Path
@@ -20,12 +23,14 @@ class UserError(Exception):
     """Bad input: the stage prints this one line (it says what to do) and exits, with no traceback."""
 
 
-def load_config(config_file, argv=None):
+def load_config(config_file, argv=None, limits=None):
     """Settings from a named config in config_file plus --key value overrides from the command line.
 
-    `default` holds every key; another named config changes some of them. Unknown names, unknown
-    keys and values of the wrong type are UserErrors that say what is valid."""
-    configs = yaml.safe_load(Path(config_file).read_text())
+    `default` holds every key; another named config changes some of them. `limits` maps a key to the
+    values it may take: ">= 1", "> 0" or a list of choices. Unknown names and keys, values of the wrong
+    type or out of range, and YAML errors are UserErrors that say what is valid. `~` and `$VARIABLES`
+    in text values are expanded."""
+    configs = read_configs(config_file)
     defaults = configs["default"]
     parser = argparse.ArgumentParser(description=f"Named configs in {config_file}: {', '.join(configs)}.")
     parser.add_argument("--config", default="default", help="a named config: " + ", ".join(configs))
@@ -45,13 +50,34 @@ def load_config(config_file, argv=None):
     for key, text in vars(args).items():
         if key != "config" and text is not None:
             settings[key] = parse_value(key, text, defaults[key])
+    for key, value in settings.items():
+        settings[key] = check_value(key, value, defaults[key], (limits or {}).get(key))
     return SimpleNamespace(config=args.config, **settings)
+
+
+def read_configs(config_file):
+    """The named configs of a YAML file, each a mapping of settings; a broken file is a UserError."""
+    try:
+        configs = yaml.safe_load(Path(config_file).read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "syntax error"
+        raise UserError(f"{config_file} is not valid YAML{where} ({problem}): fix that line, "
+                        f"or restore the file with: git checkout {config_file}") from None  # fmt: skip
+    if not isinstance(configs, dict) or not isinstance(configs.get("default"), dict):
+        raise UserError(f"{config_file} must hold named configs (`default:` first, every key under it)")
+    for name, values in configs.items():
+        configs[name] = values or {}  # a named config whose lines are all commented out changes nothing
+        if not isinstance(configs[name], dict):
+            raise UserError(f"config {name!r} in {config_file} must be a list of `key: value` lines")
+    return configs
 
 
 def parse_value(key, text, default):
     """Read a command-line string as the type of the key's default value."""
-    if text.lower() in ("none", "null"):
-        return None
+    if default is None:  # a path: `none` or `null` keep the default
+        return None if text.lower() in ("none", "null") else text
     try:
         if isinstance(default, bool):
             return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
@@ -65,6 +91,46 @@ def parse_value(key, text, default):
     return text
 
 
+def check_value(key, value, default, limit):
+    """The value as the type of the key's default, in range, with ~ and $VARIABLES expanded; else a UserError."""
+    if isinstance(value, str) and not isinstance(default, str | None):
+        value = parse_value(key, value, default)  # YAML reads 1e-3 (no dot) as text
+    if value is None and default is not None:
+        raise UserError(f"--{key} needs a value (like {default!r})")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    kind = str if default is None else type(default)
+    if value is not None and (type(value) is not kind):
+        raise UserError(f"--{key} expects a {kind.__name__} (like {default!r}), got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"--{key} must be a finite number, got {value}")
+    if isinstance(value, str):
+        value = expand_path(key, value)
+    if limit is not None and value is not None:
+        check_limit(key, value, limit)
+    return value
+
+
+def check_limit(key, value, limit):
+    if isinstance(limit, list | tuple):
+        if value not in limit:
+            raise UserError(f"--{key} must be one of {', '.join(map(str, limit))}; got {value!r}")
+        return
+    operator, bound = limit.split()
+    if not (value > float(bound) if operator == ">" else value >= float(bound)):
+        raise UserError(f"--{key} must be {limit}; got {value!r}")
+
+
+def expand_path(key, text):
+    """~ and $VARIABLES, as a shell would expand them; an unset variable is a UserError, not a folder named `$X`."""
+    if "~" not in text and "$" not in text:
+        return text
+    expanded = os.path.expandvars(os.path.expanduser(text))
+    if "$" in expanded:
+        raise UserError(f"--{key} {text!r} names an environment variable that is not set here: give a full path")
+    return expanded
+
+
 def output_root(kind, default):
     """$SCRATCH/<repo name>/<kind> on a cluster that has $SCRATCH, else `default` inside the repo."""
     if os.environ.get("SCRATCH"):
@@ -73,7 +139,7 @@ def output_root(kind, default):
 
 
 def run_dir(stage, config, out_dir=None):
-    """The run's output folder, created and checked for writing."""
+    """The run's output folder: created, checked for writing, and locked for this process (one run per folder)."""
     folder = Path(out_dir) if out_dir else output_root("runs", default=Path("runs")) / stage / config
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,15 +148,46 @@ def run_dir(stage, config, out_dir=None):
         probe.unlink()
     except OSError as error:
         raise UserError(f"cannot write to {folder} ({error.strerror}): choose another with --out_dir DIR") from None
+    lock_folder(folder)
     return folder
+
+
+_locked = {}  # folder -> open lock file; the lock lasts as long as this process (the kernel, in a notebook)
+
+
+def lock_folder(folder):
+    """Take folder/.lock, or say which run holds it. The operating system frees the lock when the process
+    ends, however it ends (even SIGKILL), so a crashed run never leaves the folder locked."""
+    folder = Path(folder).resolve()
+    if folder in _locked:
+        return
+    handle = open(folder / ".lock", "a+")  # kept open on purpose: closing it would free the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{folder} is in use by another run ({holder}): wait for it to finish, "
+                        "or give this run its own folder with --out_dir DIR") from None  # fmt: skip
+    except OSError as error:  # a file system without locks: say so, and go on
+        logging.getLogger(__name__).warning(f"cannot lock {folder} ({error.strerror}): run one job per folder")
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    _locked[folder] = handle
 
 
 def choose_device(name="auto"):
     """CUDA if present, else the CPU; `name` may force one ('cpu', 'cuda', 'cuda:1')."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no GPU is visible to PyTorch: use --device auto or cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
     return torch.device(name)
 
 

@@ -1,17 +1,21 @@
 """A small U-Net for periodic fields: circular padding everywhere, width and depth from the config."""
 
+import math
+
 import torch
 from torch import nn
+
+from .run import UserError
 
 
 def conv_block(in_channels, out_channels):
     """Two 3x3 convolutions that wrap around the edges, as the periodic box does."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, padding_mode="circular"),
-        nn.GroupNorm(min(8, out_channels), out_channels),  # per sample: no batch statistics to sync in DDP
+        nn.GroupNorm(math.gcd(8, out_channels), out_channels),  # per sample: no batch statistics to sync in DDP
         nn.GELU(),
         nn.Conv2d(out_channels, out_channels, 3, padding=1, padding_mode="circular"),
-        nn.GroupNorm(min(8, out_channels), out_channels),
+        nn.GroupNorm(math.gcd(8, out_channels), out_channels),
         nn.GELU(),
     )
 
@@ -47,3 +51,11 @@ class UNet(nn.Module):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def check_depth(depth, grid):
+    """A U-Net of `depth` levels halves the grid depth - 1 times: the grid must divide by 2**(depth - 1)."""
+    if grid % 2 ** (depth - 1):
+        deepest = next(d for d in range(depth, 0, -1) if grid % 2 ** (d - 1) == 0)
+        raise UserError(f"--depth {depth} is too deep for a {grid}x{grid} grid (it must divide by {2 ** (depth - 1)}): "
+                        f"use --depth {deepest} or less, or a larger --data_preset")  # fmt: skip

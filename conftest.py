@@ -1,0 +1,26 @@
+"""The environment of every test and notebook that `pytest` runs, set before any of them starts (processes
+and notebook kernels that the tests start inherit it):
+
+- SCRATCH: a temporary folder, as on Perlmutter, so that default data and run folders never land in the
+  repository and every test session starts from nothing;
+- TUTORIAL_NOTEBOOK_SETTINGS=quick: the stage 01 notebook runs its `quick` settings (about 10 s);
+- TUTORIAL_LOGDIR and TUTORIAL_STOP_TENSORBOARD: notebooks/start_tensorboard.ipynb serves the reference runs
+  in example_logs/, checks that TensorBoard answers, then stops it.
+
+The fixtures are in tests/conftest.py.
+"""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SCRATCH = tempfile.mkdtemp(prefix="tutorial-scratch-")
+os.environ["SCRATCH"] = SCRATCH
+os.environ["TUTORIAL_NOTEBOOK_SETTINGS"] = "quick"
+os.environ["TUTORIAL_LOGDIR"] = str(Path(__file__).resolve().parent / "example_logs")
+os.environ["TUTORIAL_STOP_TENSORBOARD"] = "1"
+
+
+def pytest_sessionfinish(session):
+    shutil.rmtree(SCRATCH, ignore_errors=True)
