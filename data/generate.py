@@ -1,7 +1,7 @@
 """Generate the tutorial's data ahead of time (the stages also do it on first use).
 
-    python data/generate.py --preset tiny                       # ~5 MB, a second
-    python data/generate.py --preset full --data_root $SCRATCH/tutorial-data   # ~9 GB
+    python data/generate.py --preset tiny     # 5 MB, a second
+    python data/generate.py --preset full     # 9.1 GB, minutes: where the stages look, $SCRATCH/<repo>/data
 
 Writes <data_root>/<preset>/{train.npy, val.npy, meta.json} atomically; an existing preset is checked and left alone.
 """

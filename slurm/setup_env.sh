@@ -53,7 +53,10 @@ case "$TUTORIAL_ENV" in
     ;;
 esac
 
-# Since Slurm 22.05, srun no longer inherits --cpus-per-task from sbatch; pass it on explicitly.
+# Slurm 22.05 to 23.02: srun ignores the job's --cpus-per-task (SLURM_CPUS_PER_TASK) and reads only
+# SRUN_CPUS_PER_TASK, so each task would get one CPU. Slurm 23.11 reverted that: srun reads
+# SLURM_CPUS_PER_TASK again (SchedMD's CHANGELOG for 22.05 and 23.11). Setting SRUN_CPUS_PER_TASK gives the
+# same result on either, so this line does not depend on the version a cluster runs.
 if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
   export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
 fi

@@ -40,7 +40,8 @@ def run_script(stage, config, tour_dir):
 
 
 def table(rows):
-    header = ["stage", "samples/s", "data wait", "val loss", "rel. L2 (baseline)", "wall time", "device"]
+    header = ["stage", "samples/s", "data wait", "val loss", "rel. L2 (baseline)", "beats baseline", "wall time",
+              "device"]  # fmt: skip
     lines = [header] + rows
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines]
@@ -56,6 +57,7 @@ def summary_row(stage, out_dir):
         f"{s['data_wait_share']:.0%}",
         f"{s['final_val_loss']:.4f}",
         f"{s['val_relative_l2']:.3f} ({s['baseline_relative_l2']:.3f})",
+        "yes" if s["val_relative_l2"] < s["baseline_relative_l2"] else "no",
         f"{s['wall_time_s']:.0f} s",
         s["hardware"],
     ]
@@ -77,7 +79,7 @@ def main():
         returncode, out_dir = runner(stage, args.config, tour_dir)
         if returncode != 0:
             failed.append(stage.name)
-            rows.append([stage.name, "failed", "", "", "", f"{time.perf_counter() - start:.0f} s", ""])
+            rows.append([stage.name, "failed", "", "", "", "", f"{time.perf_counter() - start:.0f} s", ""])
         else:
             rows.append(summary_row(stage.name, out_dir))
 

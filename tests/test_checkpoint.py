@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import math
 import os
 import resource
 import signal
@@ -90,11 +89,13 @@ def interrupt(stage, out_dir, data_root, after_step, delay, signal_number):
 
 
 @pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
-def test_sigterm_saves_and_the_next_run_resumes(stage, tmp_path, tiny_data, uninterrupted):
-    """Preemption and scancel send SIGTERM: the run saves at the next step and exits; a rerun resumes."""
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_or_ctrl_c_saves_and_the_next_run_resumes(stage, signal_number, tmp_path, tiny_data, uninterrupted):
+    """Preemption and scancel send SIGTERM, Ctrl-C sends SIGINT: the run saves at the next step and exits;
+    a rerun resumes."""
     out_dir = tmp_path / "run"
-    code, output = interrupt(stage, out_dir, tiny_data, 8, 0.0, signal.SIGTERM)
-    assert code == 3 and "SIGTERM received: saved" in output, output
+    code, output = interrupt(stage, out_dir, tiny_data, 8, 0.0, signal_number)
+    assert code == 3 and f"{signal_number.name} received: saved" in output, output
     resumed = train(stage, out_dir, tiny_data)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
     assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
@@ -219,16 +220,6 @@ def test_resume_with_other_settings_is_refused(stage, earlier, tmp_path, tiny_da
     assert elsewhere.returncode == 0, output_of(elsewhere)
 
 
-@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
-def test_ctrl_c_saves_and_the_next_run_resumes(stage, tmp_path, tiny_data, uninterrupted):
-    out_dir = tmp_path / "run"
-    code, output = interrupt(stage, out_dir, tiny_data, 8, 0.0, signal.SIGINT)
-    assert code == 3 and "SIGINT received: saved" in output, output
-    resumed = train(stage, out_dir, tiny_data)
-    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
-    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
-
-
 def limit_file_size():
     """In the child: no file may grow beyond 200 kB, as if the disk were full. (A checkpoint of the test
     config is about 370 kB; the log and TensorBoard files stay far below.)"""
@@ -250,18 +241,20 @@ def test_full_disk_during_a_checkpoint_loses_nothing(stage, tmp_path, tiny_data,
 
 @pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
 def test_summary_of_a_resumed_run_describes_the_whole_run(stage, tmp_path, tiny_data):
-    """Stopped at the very last step, the second process trains nothing: the figures must still cover the run."""
+    """Stopped at the very last step, the second process trains nothing: the figures must still cover the run.
+    (It also resumes with another number of CPU threads, which makes bit-exact resume impossible: it warns.)"""
     out_dir = tmp_path / "run"
-    first = train(stage, out_dir, tiny_data, "--signal_at_step", 32)
+    first = train(stage, out_dir, tiny_data, "--signal_at_step", 32, env={"OMP_NUM_THREADS": "1"})
     assert first.returncode == 3, output_of(first)
-    resumed = train(stage, out_dir, tiny_data, "--resume", str(out_dir / "checkpoints" / "step-00000032.pt"))
+    first_part = torch.load(out_dir / "checkpoints" / "step-00000032.pt", weights_only=True)["totals"]
+    resumed = train(stage, out_dir, tiny_data, "--resume", str(out_dir / "checkpoints" / "step-00000032.pt"),
+                    env={"OMP_NUM_THREADS": "2"})  # fmt: skip
     assert resumed.returncode == 0, output_of(resumed)
+    assert "2 CPU threads now, 1 before: results may differ" in resumed.stdout
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["steps"] == 32 and summary["processes"] == 2
-    assert math.isfinite(summary["samples_per_s"]) and summary["samples_per_s"] > 0
-    assert 0 < summary["data_wait_share"] < 1
-    first_wall_time = [line for line in first.stdout.splitlines() if "step 32/32" in line]
-    assert first_wall_time and summary["wall_time_s"] > 0.5, "two processes, at least half a second of training"
+    assert summary["samples_per_s"] == pytest.approx(32 * 32 / first_part["train_time"]), "the first process's rate"
+    assert summary["wall_time_s"] > first_part["wall_time"] > 0
 
 
 @pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
@@ -271,14 +264,6 @@ def test_resume_from_best_pt_says_what_to_use(stage, tmp_path, tiny_data):
     result = train(stage, tmp_path / "other", tiny_data, "--num_epochs", "1",
                    "--resume", out_dir / "checkpoints" / "best.pt")  # fmt: skip
     expect_one_line_error(result, "best.pt holds no training state", "step-*.pt")
-
-
-@pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)
-def test_a_diverging_run_stops_and_says_what_to_try(stage, tmp_path, tiny_data):
-    out_dir = tmp_path / "run"
-    result = train(stage, out_dir, tiny_data, "--lr", "1e30")
-    expect_one_line_error(result, "training diverged", "smaller --lr")
-    assert not (out_dir / "summary.json").exists(), "no summary of a run that failed"
 
 
 @pytest.mark.parametrize("stage", RESUME_STAGES, ids=IDS)

@@ -1,8 +1,14 @@
 """Named configs, command-line overrides, and the errors that say what is valid."""
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
 import common
+from helpers import REPO
 
 CONFIG = """
 default:
@@ -58,3 +64,115 @@ def test_named_config_with_unknown_key_is_an_error(tmp_path):
     path.write_text(CONFIG + "broken:\n  batchsize: 3\n")
     with pytest.raises(common.UserError, match="sets unknown key 'batchsize'"):
         common.load_config(path, ["--config", "broken"])
+
+
+def test_none_is_a_word_for_text_keys_and_no_value_for_paths(config_file, tmp_path):
+    """`--resume none` must stay the word 'none'; `--out_dir none` means no folder given."""
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG.replace("  shuffle: true\n", "  shuffle: true\n  resume: auto\n"))
+    cfg = common.load_config(path, ["--resume", "none", "--out_dir", "none"])
+    assert cfg.resume == "none" and cfg.out_dir is None
+
+
+LIMITS = {"batch_size": ">= 1", "lr": "> 0", "data_preset": ["tiny", "small"]}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--batch_size", "0"], "--batch_size must be >= 1; got 0"),
+        (["--batch_size", "-3"], "--batch_size must be >= 1; got -3"),
+        (["--lr", "0"], "--lr must be > 0; got 0.0"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--data_preset", "huge"], "--data_preset must be one of tiny, small; got 'huge'"),
+    ],
+)
+def test_values_out_of_range_are_errors(config_file, arguments, message):
+    with pytest.raises(common.UserError, match=re.escape(message)):
+        common.load_config(config_file, arguments, LIMITS)
+
+
+def test_limits_apply_to_the_yaml_file_too(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG + "broken:\n  batch_size: 0\n")
+    with pytest.raises(common.UserError, match="--batch_size must be >= 1; got 0"):
+        common.load_config(path, ["--config", "broken"], LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("yaml_line", "key", "expected"),
+    [("lr: 1e-3", "lr", 1e-3), ("lr: 1", "lr", 1.0), ("batch_size: '16'", "batch_size", 16)],
+)
+def test_yaml_values_are_read_as_the_type_of_the_default(tmp_path, yaml_line, key, expected):
+    """YAML reads 1e-3 (no dot) as text: it must still be the number a learner meant."""
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG + f"edited:\n  {yaml_line}\n")
+    value = getattr(common.load_config(path, ["--config", "edited"]), key)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("yaml_line", "message"),
+    [
+        ("batch_size: 1.5", "--batch_size expects a int"),
+        ("shuffle: sometimes", "--shuffle expects a bool"),
+        ("data_preset: 3", "--data_preset expects a str"),
+        ("data_preset: no", "--data_preset expects a str"),  # YAML 1.1 reads `no` as false
+        ("batch_size:", "--batch_size needs a value"),
+    ],
+)
+def test_yaml_values_of_another_type_are_errors(tmp_path, yaml_line, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG + f"edited:\n  {yaml_line}\n")
+    with pytest.raises(common.UserError, match=message):
+        common.load_config(path, ["--config", "edited"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (CONFIG + "quick:\n  lr: [1\n", r"not valid YAML at line \d+"),
+        ("just some words\n", "must hold named configs"),
+        ("quick:\n  lr: 1.0\n", "must hold named configs"),
+        (CONFIG + "broken: 3\n", "config 'broken' .* must be a list of `key: value` lines"),
+    ],
+)
+def test_broken_yaml_files_are_errors_that_say_what_to_do(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(common.UserError, match=message):
+        common.load_config(path, [])
+
+
+def test_a_named_config_with_every_line_commented_out_changes_nothing(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG + "empty:\n  # batch_size: 3\n")
+    assert common.load_config(path, ["--config", "empty"]).batch_size == 64
+
+
+def test_home_and_variables_in_paths_are_expanded(config_file, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    assert common.load_config(config_file, ["--out_dir", "~/runs"]).out_dir == str(tmp_path / "home" / "runs")
+    assert common.load_config(config_file, ["--out_dir", "$SCRATCH/x"]).out_dir == str(tmp_path / "scratch" / "x")
+    monkeypatch.delenv("SCRATCH")
+    with pytest.raises(common.UserError, match="names an environment variable that is not set here"):
+        common.load_config(config_file, ["--out_dir", "$SCRATCH/x"])
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda0", "CPU", "cuda:x"])
+def test_unknown_device_names_are_errors(name):
+    with pytest.raises(common.UserError, match="is not one of auto, cpu, cuda, cuda:N"):
+        common.choose_device(name)
+
+
+def test_one_run_per_output_folder(tmp_path):
+    """The folder is locked for this process: another process is refused, this one may ask again."""
+    folder = common.run_dir("stage", "config", tmp_path / "run")
+    assert common.run_dir("stage", "config", tmp_path / "run") == folder
+    other = subprocess.run(
+        [sys.executable, "-c", f"import common; common.run_dir('stage', 'config', {str(folder)!r})"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "stages")},
+    )  # fmt: skip
+    assert other.returncode != 0 and "is in use by another run (pid" in other.stderr, other.stderr

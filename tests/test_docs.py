@@ -1,12 +1,17 @@
 """The READMEs: every link, path and command exists, and the computed parts match the files."""
 
+import ast
+import json
+import os
 import re
 import shlex
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 import common
 import readme_sync
@@ -18,7 +23,7 @@ IDS = [str(p.relative_to(REPO)) for p in MARKDOWN]
 TOP_LEVEL = ("stages/", "data/", "slurm/", "notebooks/", "example_logs/", "tutorial_images/", "docker/", "tests/",
              ".ci/", "requirements")  # fmt: skip
 GENERATED = ("data/generated", "runs/")  # made by running things, git-ignored
-CLUSTER_COMMANDS = {"sbatch", "squeue", "scancel", "module", "podman-hpc", "shifterimg", "srun"}
+CLUSTER_COMMANDS = {"sbatch", "salloc", "squeue", "scancel", "module", "podman-hpc", "shifterimg", "srun"}
 
 
 def code_blocks(text, language="bash"):
@@ -132,3 +137,48 @@ def test_ci_runs_the_readme_test_command():
     assert len(quick_start) == 2, "the Quick start is exactly two commands"
     assert "stages/run_all.py" in quick_start[0] and "pytest" in quick_start[1]
     assert quick_start[1] in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+def test_data_readme_generates_where_the_stages_look(tmp_path):
+    """Data generated ahead, as data/README.md says, must be found by the stages (and not generated again
+    inside a GPU job). The README's commands run here with the tiny preset and a $SCRATCH of their own."""
+    scratch = tmp_path / "scratch"
+    commands = [w for w in shell_commands((REPO / "data" / "README.md").read_text()) if "data/generate.py" in w]
+    assert commands, "data/README.md shows how to generate the data ahead"
+    for words in commands:
+        start = next(i for i, w in enumerate(words) if w.endswith("generate.py"))
+        arguments = [os.path.expandvars(w.replace("$SCRATCH", str(scratch))) for w in words[start + 1 :]]
+        arguments[arguments.index("--preset") + 1] = "tiny"
+        result = run_python(REPO / "data" / "generate.py", *arguments, cwd=REPO, env={"SCRATCH": str(scratch)})
+        assert result.returncode == 0, output_of(result)
+        assert (scratch / REPO.name / "data" / "tiny" / "meta.json").exists(), f"{' '.join(words)} wrote elsewhere"
+
+
+def notebook_code(notebook):
+    return "\n".join("".join(cell["source"]) for cell in json.loads(notebook.read_text())["cells"]
+                     if cell["cell_type"] == "code")  # fmt: skip
+
+
+def test_notebook_settings_are_stage_02_configs():
+    """The stage 01 notebook says its `gpu` settings are stage 02's `default` and `quick` its `quick`: the same
+    values, the same optimizer settings and the same learning-rate schedule."""
+    code = notebook_code(REPO / "stages" / "01_notebook" / "train.ipynb")
+    literal = ast.parse(re.search(r"SETTINGS = (\{.*?\n\})", code, re.S).group(1), mode="eval").body
+    settings = {ast.literal_eval(name): {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+                for name, call in zip(literal.keys, literal.values)}  # fmt: skip
+    configs = yaml.safe_load((REPO / "stages" / "02_script" / "config.yaml").read_text())
+    for name, config in [("gpu", configs["default"]), ("quick", {**configs["default"], **configs["quick"]})]:
+        different = {k: (v, config.get(k)) for k, v in settings[name].items() if config.get(k) != v}
+        assert not different, f"notebook {name!r} settings differ from stage 02 (notebook, config): {different}"
+        assert "weight_decay" in settings[name], f"notebook {name!r} settings leave weight_decay to AdamW's default"
+    assert "weight_decay=settings.weight_decay" in code and "CosineAnnealingLR(optimizer" in code
+    assert "scheduler.step()" in code
+
+
+def test_notebooks_run_quick_and_write_outside_the_repository():
+    """Under the suite, notebooks run their `quick` settings and write to a temporary $SCRATCH, so that a busy
+    machine cannot make a cell time out and nothing lands in the repository's runs/ or data/."""
+    assert os.environ["TUTORIAL_NOTEBOOK_SETTINGS"] == "quick"
+    runs = common.run.output_root("runs", default=Path("runs"))
+    assert not runs.resolve().is_relative_to(REPO), runs
+    assert runs.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()), runs

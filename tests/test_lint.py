@@ -37,3 +37,28 @@ def test_submit_scripts_are_strict_and_comment_every_sbatch_line():
 def test_ruff():
     result = subprocess.run([BIN / "ruff", "check", "."], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def sbatch_options(script):
+    """{option: value} of a script's #SBATCH lines, e.g. {"--qos": "shared", "--gpus-per-task": "1"}."""
+    options = {}
+    for line in script.read_text().splitlines():
+        if line.startswith("#SBATCH "):
+            option, _, value = line.split()[1].partition("=")
+            options[option] = value
+    return options
+
+
+def test_one_gpu_jobs_use_the_shared_qos():
+    """A one-GPU job on `regular` is given, and charged for, a whole 4-GPU node: one GPU means `shared`,
+    with a quarter of the node's CPU threads."""
+    for script in sorted(REPO.glob("stages/*/submit_pm.sh")):
+        options = sbatch_options(script)
+        gpus = int(options.get("--gpus-per-task", 0)) * int(options.get("--ntasks", 1)) or int(
+            options.get("--gpus-per-node", 0)
+        )
+        if gpus == 1:
+            assert options.get("--qos") == "shared", f"{script.relative_to(REPO)}: one GPU, so --qos=shared"
+            assert options.get("--cpus-per-task") == "32", f"{script.relative_to(REPO)}: a quarter of 128 threads"
+        else:
+            assert options.get("--qos") in ("regular", "debug"), f"{script.relative_to(REPO)}: whole nodes"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,14 +30,14 @@ def sbatch_wait(env, *arguments):
 
 
 @pytest.mark.parametrize("stage", SUBMIT_STAGES, ids=[s.name for s in SUBMIT_STAGES])
-def test_submit_script_runs_the_quick_config(stage, local_slurm, tmp_path):
+def test_submit_script_runs_a_stage(stage, local_slurm, tmp_path):
     env = {**local_slurm, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{local_slurm['PATH']}"}
     out_dir = tmp_path / "run"
     code, output = sbatch_wait(env, "-A", "tutorial", stage.relative_to(REPO) / "submit_pm.sh",
-                               "--config", "quick", "--out_dir", out_dir)  # fmt: skip
+                               "--config", "test", "--out_dir", out_dir)  # fmt: skip
     assert code == 0, output
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["stage"] == stage.name and summary["settings"]["config"] == "quick"
+    assert summary["stage"] == stage.name and summary["settings"]["config"] == "test"
     assert summary["val_relative_l2"] < 1.0
     assert "environment: TUTORIAL_ENV=" in output and "done in" in output, output
 
@@ -53,7 +54,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_pat
     """Stage 03 on Slurm: the time-limit signal (sent on demand) makes the job checkpoint and requeue
     itself; the requeued job resumes and ends with the same weights as an uninterrupted run."""
     stage = REPO / "stages" / "03_checkpoint_restart"
-    arguments = ["--config", "quick", "--num_epochs", "8", "--data_root", tiny_data]
+    arguments = ["--config", "test", "--num_epochs", "8", "--data_root", tiny_data]
     reference = run_python(stage / "train.py", *arguments, "--out_dir", tmp_path / "reference", cwd=tmp_path)
     assert reference.returncode == 0, output_of(reference)
 
@@ -75,3 +76,36 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_pat
     assert job_field(env, job_id, "Restarts") == "1", output
     assert "SIGUSR1 received: saved" in output and "restart 1" in output and "resuming from" in output, output
     assert_same_weights(final_weights(out_dir), final_weights(tmp_path / "reference"))
+
+
+FAKE_SRUN = """#!/bin/bash
+# Stands in for `srun ... train.py`: runs until USR1, then exits with the code train.py would.
+trap 'exit "$EXIT_AFTER_USR1"' USR1
+echo "fake srun running"
+while true; do sleep 0.05; done
+"""
+
+
+@pytest.mark.parametrize(("train_exit", "requeued"), [(3, True), (0, False), (1, False)])
+def test_the_trap_requeues_only_a_run_that_stopped_early(train_exit, requeued, tmp_path):
+    """USR1 near the time limit: requeue if train.py stopped early with a checkpoint (exit 3); if training had
+    finished anyway (0) or failed (1), the job ends with that code and is not started again. Runs the batch
+    script itself, with stand-ins for srun and scontrol, so the timing is exact."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path / "scontrol-calls"}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "TUTORIAL_ENV": "none",
+           "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "42", "EXIT_AFTER_USR1": str(train_exit)}  # fmt: skip
+    script = REPO / "stages" / "03_checkpoint_restart" / "submit_pm.sh"
+    job = subprocess.Popen(["bash", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    for line in job.stdout:
+        if "fake srun running" in line:
+            break
+    job.send_signal(signal.SIGUSR1)
+    output = job.stdout.read()
+    assert job.wait(timeout=30) == train_exit, output
+    calls = (tmp_path / "scontrol-calls").read_text() if (tmp_path / "scontrol-calls").exists() else ""
+    assert calls == ("requeue 42\n" if requeued else ""), output

@@ -1,32 +1,40 @@
-"""Every stage's `quick` config, started as a user starts it, and its answers to bad input."""
+"""Every stage started as a user starts it (the small `test` config), and its answers to bad input.
+(That every stage's `quick` config beats the physics baseline is checked by the tour, tests/test_tour.py.)"""
 
+import importlib.util
 import json
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import SCRIPT_STAGES, output_of, run_python
+from helpers import REPO, SCRIPT_STAGES, output_of, run_python
 
 IDS = [stage.name for stage in SCRIPT_STAGES]
 
 
 @pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
-def test_quick_config_runs_from_another_folder(stage, tmp_path):
+def test_a_run_from_another_folder_writes_log_events_and_summary(stage, tmp_path):
     out_dir, data_root = tmp_path / "run", tmp_path / "data"
     result = run_python(
-        stage / "train.py", "--config", "quick", "--out_dir", out_dir, "--data_root", data_root, cwd=tmp_path
+        stage / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root, cwd=tmp_path
     )
     assert result.returncode == 0, output_of(result)
     assert "not found" in result.stdout and "generating it now" in result.stdout  # it says it makes the data
 
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["stage"] == stage.name and summary["settings"]["config"] == "quick"
+    assert summary["stage"] == stage.name and summary["settings"]["config"] == "test"
     for key in ("final_train_loss", "final_val_loss", "val_relative_l2", "samples_per_s", "wall_time_s"):
         assert math.isfinite(summary[key]) and summary[key] > 0, key
     assert 0 <= summary["data_wait_share"] < 1
-    assert summary["val_relative_l2"] < 1.0, "even the quick config beats predicting zero"
+    assert summary["val_relative_l2"] < 1.0, "even the test config beats predicting zero"
     assert summary["hardware"] and summary["torch"]
 
     log = (out_dir / "train.log").read_text()
@@ -54,7 +62,10 @@ BAD_ARGUMENTS = {
     "unknown config": (["--config", "fastest"], ["unknown config 'fastest'", "quick"]),
     "unknown key": (["--learning_rate", "0.1"], ["unknown option '--learning_rate'", "--lr"]),
     "wrong type": (["--batch_size", "many"], ["--batch_size expects a int"]),
-    "unknown preset": (["--config", "quick", "--data_preset", "huge"], ["unknown data preset 'huge'", "tiny"]),
+    "unknown preset": (["--config", "test", "--data_preset", "huge"], ["--data_preset must be one of tiny"]),
+    "out of range": (["--config", "test", "--num_epochs", "0"], ["--num_epochs must be >= 1; got 0"]),
+    "too deep for the grid": (["--config", "test", "--depth", "9"], ["--depth 9 is too deep for a 32x32 grid"]),
+    "unknown device": (["--config", "test", "--device", "gpu"], ["--device 'gpu' is not one of auto, cpu, cuda"]),
 }
 
 
@@ -71,7 +82,7 @@ def test_output_folder_that_cannot_be_written(stage, tmp_path, tiny_data):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     result = run_python(
-        stage / "train.py", "--config", "quick", "--data_root", tiny_data, "--out_dir", blocker / "run", cwd=tmp_path
+        stage / "train.py", "--config", "test", "--data_root", tiny_data, "--out_dir", blocker / "run", cwd=tmp_path
     )
     expect_one_line_error(result, "cannot write to", "--out_dir")
 
@@ -90,7 +101,7 @@ def test_corrupt_data_file(stage, tmp_path, tiny_data):
     data_root = copy_of_tiny_data(tiny_data, tmp_path)
     truncated = (tiny_data / "tiny" / "train.npy").read_bytes()[:10_000]
     (data_root / "tiny" / "train.npy").write_bytes(truncated)
-    result = run_python(stage / "train.py", "--config", "quick", "--data_root", data_root, "--out_dir", tmp_path / "r",
+    result = run_python(stage / "train.py", "--config", "test", "--data_root", data_root, "--out_dir", tmp_path / "r",
                         cwd=tmp_path)  # fmt: skip
     expect_one_line_error(result, "corrupt", "python data/generate.py --preset tiny")
 
@@ -100,7 +111,96 @@ def test_data_of_another_seed_is_refused(stage, tmp_path, tiny_data):
     data_root = copy_of_tiny_data(tiny_data, tmp_path)
     meta = json.loads((tiny_data / "tiny" / "meta.json").read_text())
     (data_root / "tiny" / "meta.json").write_text(json.dumps({**meta, "seed": 7}))
-    result = run_python(stage / "train.py", "--config", "quick", "--data_root", data_root, "--out_dir", tmp_path / "r",
+    result = run_python(stage / "train.py", "--config", "test", "--data_root", data_root, "--out_dir", tmp_path / "r",
                         cwd=tmp_path)  # fmt: skip
     expect_one_line_error(result, "seed 7")
     assert np.load(data_root / "tiny" / "train.npy").shape[0] == meta["n_train"], "the data were left alone"
+
+
+def stage_module(stage):
+    """Import a stage's train.py as a module (it runs nothing on import), with its own folder on sys.path."""
+    sys.path.insert(0, str(stage))
+    try:
+        spec = importlib.util.spec_from_file_location(f"train_{stage.name}", stage / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(stage))
+        sys.modules.pop("checkpoints", None)  # each stage has its own copy
+    return module
+
+
+def value_out_of_range(limit):
+    if isinstance(limit, list):
+        return "no_such_choice"
+    operator, bound = limit.split()
+    return str(int(float(bound)) - 1) if operator == ">=" else bound
+
+
+@pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
+def test_every_number_has_limits_and_each_limit_holds(stage):
+    """Every numeric setting is checked when the config is read: no traceback, no silent surprise later."""
+    module = stage_module(stage)
+    defaults = yaml.safe_load((stage / "config.yaml").read_text())["default"]
+    numbers = {key for key, value in defaults.items() if type(value) in (int, float)}
+    assert numbers <= set(module.LIMITS), f"no limits for {sorted(numbers - set(module.LIMITS))}"
+    for key, limit in module.LIMITS.items():
+        with pytest.raises(module.common.UserError, match=f"--{key} must be"):
+            module.common.load_config(stage / "config.yaml", [f"--{key}", value_out_of_range(limit)], module.LIMITS)
+
+
+@pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
+def test_a_broken_config_file_is_a_one_line_error(stage, tmp_path, tiny_data):
+    """A learner's edit breaks config.yaml: the error names the line and how to get the file back."""
+    copy = tmp_path / "stages"
+    shutil.copytree(stage, copy / stage.name)
+    shutil.copytree(REPO / "stages" / "common", copy / "common")
+    config = copy / stage.name / "config.yaml"
+    config.write_text(config.read_text().replace("  batch_size: 64", "  batch_size: [64", 1))
+    result = run_python(copy / stage.name / "train.py", "--data_root", tiny_data, "--out_dir", tmp_path / "r",
+                        cwd=tmp_path)  # fmt: skip
+    expect_one_line_error(result, "is not valid YAML at line", "git checkout")
+
+
+@pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
+def test_a_diverging_run_stops_and_says_what_to_try(stage, tmp_path, tiny_data):
+    out_dir = tmp_path / "run"
+    result = run_python(stage / "train.py", "--config", "test", "--lr", "1e30", "--data_root", tiny_data,
+                        "--out_dir", out_dir, cwd=tmp_path)  # fmt: skip
+    expect_one_line_error(result, "training diverged", "smaller --lr")
+    assert not (out_dir / "summary.json").exists(), "no summary of a run that failed"
+
+
+def start_run(stage, out_dir, data_root, *extra):
+    """Start a run of the test config in the background; return it once it has logged its first step."""
+    command = [sys.executable, stage / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root,
+               *extra]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    for line in process.stdout:
+        if " | epoch " in line:
+            return process
+    raise AssertionError(f"the run logged no step: {process.communicate()}")
+
+
+@pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
+def test_a_second_run_on_the_same_folder_is_refused(stage, tmp_path, tiny_data):
+    out_dir = tmp_path / "run"
+    first = start_run(stage, out_dir, tiny_data, "--num_epochs", "50")
+    second = run_python(stage / "train.py", "--config", "test", "--lr", "1e-3", "--out_dir", out_dir,
+                        "--data_root", tiny_data, cwd=tmp_path)  # fmt: skip
+    still_running = first.poll() is None
+    first.terminate()
+    first.communicate()
+    assert still_running, "the first run ended before the second started: the test proved nothing"
+    expect_one_line_error(second, f"{out_dir} is in use by another run (pid {first.pid}", "--out_dir")
+
+
+def test_ctrl_c_without_checkpoints_is_a_one_line_message(tmp_path, tiny_data):
+    """Stage 02 saves nothing to resume from: Ctrl-C says so in one line, without a traceback."""
+    run = start_run(REPO / "stages" / "02_script", tmp_path / "run", tiny_data, "--num_epochs", "20")
+    run.send_signal(signal.SIGINT)
+    run.stdout.read()
+    assert run.wait() != 0
+    stderr = run.stderr.read()
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: interrupted (Ctrl-C)", stderr

@@ -1,7 +1,7 @@
 """Stage 03: checkpoint-restart. Save everything a bit-exact resume needs; survive the Slurm time limit.
 
     python stages/03_checkpoint_restart/train.py --config quick                   # resumes if it can
-    python stages/03_checkpoint_restart/train.py --config quick --signal_at_step 20  # stop there, as Slurm would
+    python stages/03_checkpoint_restart/train.py --config quick --signal_at_step 100  # stop there, as Slurm would
 """
 
 import logging
