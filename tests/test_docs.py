@@ -142,10 +142,10 @@ def test_ci_runs_the_readme_test_command():
 def test_data_readme_generates_where_the_stages_look(tmp_path):
     """Data generated ahead, as data/README.md says, must be found by the stages (and not generated again
     inside a GPU job). The README's commands run here with the tiny preset and a $SCRATCH of their own."""
-    scratch = tmp_path / "scratch"
     commands = [w for w in shell_commands((REPO / "data" / "README.md").read_text()) if "data/generate.py" in w]
     assert commands, "data/README.md shows how to generate the data ahead"
-    for words in commands:
+    for number, words in enumerate(commands):
+        scratch = tmp_path / f"scratch{number}"  # each command on its own, so one cannot hide another
         start = next(i for i, w in enumerate(words) if w.endswith("generate.py"))
         arguments = [os.path.expandvars(w.replace("$SCRATCH", str(scratch))) for w in words[start + 1 :]]
         arguments[arguments.index("--preset") + 1] = "tiny"
