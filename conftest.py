@@ -5,7 +5,11 @@ and notebook kernels that the tests start inherit it):
   repository and every test session starts from nothing;
 - TUTORIAL_NOTEBOOK_SETTINGS=quick: the stage 01 notebook runs its `quick` settings (about 10 s);
 - TUTORIAL_LOGDIR and TUTORIAL_STOP_TENSORBOARD: notebooks/start_tensorboard.ipynb serves the reference runs
-  in example_logs/, checks that TensorBoard answers, then stops it.
+  in example_logs/, checks that TensorBoard answers, then stops it;
+- OMP_NUM_THREADS=1: one CPU thread per PyTorch process. With two threads on two cores, a process that
+  shares the machine with any other busy process spends most of its time with one thread waiting, spinning,
+  for the other: on a busy 2-core machine the suite took over 25 minutes that way, and a notebook cell timed
+  out. (Bit-exact resume holds for any fixed thread count; the tests use one throughout.)
 
 The fixtures are in tests/conftest.py.
 """
@@ -20,6 +24,7 @@ os.environ["SCRATCH"] = SCRATCH
 os.environ["TUTORIAL_NOTEBOOK_SETTINGS"] = "quick"
 os.environ["TUTORIAL_LOGDIR"] = str(Path(__file__).resolve().parent / "example_logs")
 os.environ["TUTORIAL_STOP_TENSORBOARD"] = "1"
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_sessionfinish(session):

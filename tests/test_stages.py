@@ -58,14 +58,18 @@ def expect_one_line_error(result, *fragments):
         assert fragment in last_line, output_of(result)
 
 
+# Started as a user starts them: each stops with a one-line error. (Errors in the config alone, which every
+# stage reads the same way, are also checked in-process, faster: test_config_errors_of_each_stage.)
 BAD_ARGUMENTS = {
-    "unknown config": (["--config", "fastest"], ["unknown config 'fastest'", "quick"]),
     "unknown key": (["--learning_rate", "0.1"], ["unknown option '--learning_rate'", "--lr"]),
-    "wrong type": (["--batch_size", "many"], ["--batch_size expects a int"]),
-    "unknown preset": (["--config", "test", "--data_preset", "huge"], ["--data_preset must be one of tiny"]),
     "out of range": (["--config", "test", "--num_epochs", "0"], ["--num_epochs must be >= 1; got 0"]),
     "too deep for the grid": (["--config", "test", "--depth", "9"], ["--depth 9 is too deep for a 32x32 grid"]),
     "unknown device": (["--config", "test", "--device", "gpu"], ["--device 'gpu' is not one of auto, cpu, cuda"]),
+}
+CONFIG_ERRORS = {
+    "unknown config": (["--config", "fastest"], "unknown config 'fastest'.*quick"),
+    "wrong type": (["--batch_size", "many"], "--batch_size expects a int"),
+    "unknown preset": (["--data_preset", "huge"], "--data_preset must be one of tiny"),
 }
 
 
@@ -75,6 +79,15 @@ def test_bad_arguments(stage, case, tmp_path, tiny_data):
     arguments, fragments = BAD_ARGUMENTS[case]
     result = run_python(stage / "train.py", *arguments, "--data_root", tiny_data, "--out_dir", tmp_path, cwd=tmp_path)
     expect_one_line_error(result, *fragments)
+
+
+@pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
+@pytest.mark.parametrize("case", CONFIG_ERRORS)
+def test_config_errors_of_each_stage(stage, case):
+    arguments, message = CONFIG_ERRORS[case]
+    train = stage_module(stage)
+    with pytest.raises(train.common.UserError, match=message):
+        train.common.load_config(stage / "config.yaml", arguments, train.LIMITS)
 
 
 @pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
@@ -171,12 +184,18 @@ def test_a_diverging_run_stops_and_says_what_to_try(stage, tmp_path, tiny_data):
     assert not (out_dir / "summary.json").exists(), "no summary of a run that failed"
 
 
+def default_ctrl_c():
+    """In the child: Ctrl-C (SIGINT) does what it does in a terminal. A shell that runs a job in the background,
+    as CI may, starts it with SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_run(stage, out_dir, data_root, *extra):
     """Start a run of the test config in the background; return it once it has logged its first step."""
     command = [sys.executable, stage / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root,
                *extra]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=default_ctrl_c)  # fmt: skip
     for line in process.stdout:
         if " | epoch " in line:
             return process
