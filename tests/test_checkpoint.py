@@ -16,7 +16,7 @@ import common
 from helpers import REPO, output_of, run_python
 
 # Every stage that checkpoints joins these tests by adding its name here.
-RESUME_STAGES = [REPO / "stages" / name for name in ["03_checkpoint_restart"]]
+RESUME_STAGES = [REPO / "stages" / name for name in ["03_checkpoint_restart", "04_data_loading"]]
 IDS = [stage.name for stage in RESUME_STAGES]
 INTERRUPTIONS = {"mid-epoch": 5, "epoch boundary": 16, "late": 27}  # the test config runs 32 steps
 
@@ -74,16 +74,17 @@ def test_sigkill_at_any_moment_then_resume(stage, after_step, delay, tmp_path, t
 
 
 def interrupt(stage, out_dir, data_root, after_step, delay, signal_number):
-    """Start a run and send it a signal `delay` seconds after it logs step `after_step`.
-    Returns its exit code and the rest of its output."""
+    """Start a run and send a signal to all its processes (DataLoader workers too, as a terminal's Ctrl-C and
+    Slurm do) `delay` seconds after it logs step `after_step`. Returns its exit code and the rest of its output."""
     command = [sys.executable, stage / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each log line reaches us when it is written
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               start_new_session=True)  # its own process group  # fmt: skip
     for line in process.stdout:
         if f"step {after_step}/" in line:
             break
     time.sleep(delay)
-    process.send_signal(signal_number)
+    os.killpg(process.pid, signal_number)
     rest = process.stdout.read()
     return process.wait(), rest
 

@@ -182,3 +182,14 @@ def test_notebooks_run_quick_and_write_outside_the_repository():
     runs = common.run.output_root("runs", default=Path("runs"))
     assert not runs.resolve().is_relative_to(REPO), runs
     assert runs.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()), runs
+
+
+@pytest.mark.parametrize("stage", STAGES[3:], ids=[s.name for s in STAGES[3:]])
+def test_files_copied_from_the_stage_before_match_it(stage):
+    """checkpoints.py and predict.py are copied from stage to stage unchanged (but for the stage's name), so a
+    fix in one must reach every later stage."""
+    before = STAGES[STAGES.index(stage) - 1]
+    for name in ("checkpoints.py", "predict.py"):
+        if (before / name).exists():
+            expected = (before / name).read_text().replace(before.name, stage.name)
+            assert (stage / name).read_text() == expected, f"{stage.name}/{name} differs from {before.name}/{name}"

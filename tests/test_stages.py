@@ -1,7 +1,6 @@
 """Every stage started as a user starts it (the small `test` config), and its answers to bad input.
 (That every stage's `quick` config beats the physics baseline is checked by the tour, tests/test_tour.py.)"""
 
-import importlib.util
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import REPO, SCRIPT_STAGES, output_of, run_python
+from helpers import REPO, SCRIPT_STAGES, output_of, run_python, stage_module
 
 IDS = [stage.name for stage in SCRIPT_STAGES]
 
@@ -128,19 +127,6 @@ def test_data_of_another_seed_is_refused(stage, tmp_path, tiny_data):
                         cwd=tmp_path)  # fmt: skip
     expect_one_line_error(result, "seed 7")
     assert np.load(data_root / "tiny" / "train.npy").shape[0] == meta["n_train"], "the data were left alone"
-
-
-def stage_module(stage):
-    """Import a stage's train.py as a module (it runs nothing on import), with its own folder on sys.path."""
-    sys.path.insert(0, str(stage))
-    try:
-        spec = importlib.util.spec_from_file_location(f"train_{stage.name}", stage / "train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(stage))
-        sys.modules.pop("checkpoints", None)  # each stage has its own copy
-    return module
 
 
 def value_out_of_range(limit):

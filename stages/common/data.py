@@ -58,7 +58,11 @@ class FieldDataset(Dataset):
 
     With augment=True each sample gets a random symmetry of the periodic square (one of 4 rotations,
     a flip, a shift). Its randomness is fixed by (seed, epoch, index): the same sample gets the same
-    transform however many processes or workers load it, and a resumed run sees the same data."""
+    transform however many processes or workers load it, and a resumed run sees the same data.
+
+    The epoch is set with set_epoch, or comes with the index as an (epoch, index) pair from a sampler:
+    DataLoader workers hold their own copy of the Dataset, so set_epoch in the main process does not
+    reach workers that are already running (persistent_workers=True)."""
 
     def __init__(self, folder, split, augment=False, seed=0):
         self.path = Path(folder) / f"{split}.npy"
@@ -77,16 +81,17 @@ class FieldDataset(Dataset):
     def __getstate__(self):  # never pickle the mapped array into workers: they reopen the file
         return {**self.__dict__, "array": None}
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        epoch, index = item if isinstance(item, tuple) else (self.epoch, item)
         if self.array is None:
             self.array = np.load(self.path, mmap_mode="r")
         pair = torch.from_numpy(np.array(self.array[index]))  # copy one sample out of the page cache
         if self.augment:
-            pair = random_symmetry(pair, self.sample_generator(index))
+            pair = random_symmetry(pair, self.sample_generator(epoch, index))
         return pair[0:1], pair[1:2]
 
-    def sample_generator(self, index):
-        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+    def sample_generator(self, epoch, index):
+        seed = np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(seed))
 
 

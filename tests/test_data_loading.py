@@ -1,0 +1,58 @@
+"""Stage 04's loader: worker processes change how fast batches come, never what is in them."""
+
+import pytest
+import torch
+
+import common
+from helpers import REPO, output_of, run_python, stage_module
+
+STAGE = REPO / "stages" / "04_data_loading"
+
+
+def delivered_samples(data_root, workers, epochs=2):
+    """{(epoch, index): (delta, phi)} of every sample that stage 04's training loader delivers, epoch by epoch
+    from one loader (persistent workers when there are any), as train.py uses it."""
+    train = stage_module(STAGE)
+    arguments = ["--config", "test", "--data_root", str(data_root), "--num_workers", str(workers)]
+    cfg = common.load_config(STAGE / "config.yaml", arguments, train.LIMITS)
+    _, sampler, loader, _ = train.make_loaders(cfg, torch.device("cpu"))
+    assert loader.persistent_workers == (workers > 0)
+    samples = {}
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        order = [index for _, index in sampler]
+        for number, (delta, phi) in enumerate(loader):
+            for k in range(len(delta)):
+                samples[(epoch, order[number * cfg.batch_size + k])] = (delta[k], phi[k])
+    return samples
+
+
+def test_workers_change_nothing_in_the_batches(tiny_data):
+    """The same samples with the same transforms, with 0, 2 or 4 workers and in two runs with the same seed."""
+    reference = delivered_samples(tiny_data, 0)
+    for workers in (0, 2, 4):
+        samples = delivered_samples(tiny_data, workers)
+        assert samples.keys() == reference.keys()
+        different = [key for key in samples if not all(map(torch.equal, samples[key], reference[key]))]
+        assert not different, f"{workers} workers: {len(different)} samples differ, e.g. {different[:3]}"
+
+
+def test_persistent_workers_draw_new_transforms_every_epoch(tiny_data):
+    """Workers keep their own copy of the Dataset: unless the epoch travels with each index, every epoch would
+    repeat epoch 0's rotations, flips and shifts. (Distinct worker seeds prove nothing here: PyTorch gives
+    each worker its own seed anyway.)"""
+    samples = delivered_samples(tiny_data, 2)
+    indices = {index for epoch, index in samples if epoch == 0} & {index for epoch, index in samples if epoch == 1}
+    same = [i for i in indices if torch.equal(samples[(0, i)][0], samples[(1, i)][0])]
+    assert len(indices) > 400
+    assert len(same) < len(indices) / 10, f"{len(same)} of {len(indices)} samples got epoch 0's transform again"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_benchmark_runs_and_prints_its_table(workers, tiny_data, tmp_path):
+    arguments = ["--data_preset", "tiny", "--data_root", tiny_data, "--workers", workers, "--batches", 8, "--warmup", 2]
+    result = run_python(STAGE / "bench_loader.py", *arguments, "--batch_size", 32, cwd=tmp_path)
+    assert result.returncode == 0, output_of(result)
+    print(result.stdout)
+    row = result.stdout.strip().splitlines()[-1].split()
+    assert int(row[0]) == workers and float(row[1]) > 0 and float(row[2]) > 0, result.stdout
