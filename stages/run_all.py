@@ -3,6 +3,10 @@
     python stages/run_all.py                   # the `quick` configs: a CPU is fine
     python stages/run_all.py --config full     # on a GPU node
     python stages/run_all.py --stages 01 02    # some stages only
+
+A stage may carry its own settings, and settings after `--` go to every stage's train.py, for runs side by side:
+
+    python stages/run_all.py --config full --stages 02 04 05 "05 --compile true" -- --num_epochs 2
 """
 
 import argparse
@@ -23,6 +27,22 @@ def stage_dirs(prefixes):
     return [s for s in stages if not prefixes or any(s.name.startswith(p) for p in prefixes)]
 
 
+def planned_runs(items, shared):
+    """[(stage folder, its settings, row label)] from items such as "05" or "05 --compile true"."""
+    if not items:
+        return [(stage, shared, stage.name) for stage in stage_dirs([])]
+    runs = []
+    for item in items:
+        prefix, *own = item.split()
+        stages = stage_dirs([prefix])
+        if len(stages) != 1:
+            raise common.UserError(f"--stages {item!r}: {prefix!r} names {len(stages)} stages; give one, e.g. 05")
+        if (stages[0] / "train.ipynb").exists() and own + shared:
+            raise common.UserError(f"{stages[0].name} is a notebook: settings go to the script stages only")
+        runs.append((stages[0], own + shared, " ".join([stages[0].name, *own])))
+    return runs
+
+
 def run_notebook(stage, config, tour_dir):
     """Execute the notebook as a learner would; its settings follow the config (quick, or the device's)."""
     settings = "quick" if config == "quick" else ("gpu" if common.choose_device().type == "cuda" else "cpu")
@@ -33,15 +53,15 @@ def run_notebook(stage, config, tour_dir):
     return subprocess.run(command, env=env).returncode, out_dir
 
 
-def run_script(stage, config, tour_dir):
-    out_dir = tour_dir / stage.name
-    command = [sys.executable, str(stage / "train.py"), "--config", config, "--out_dir", str(out_dir)]
+def run_script(stage, config, tour_dir, settings=(), label=None):
+    out_dir = tour_dir / (label or stage.name).replace(" --", "_").replace(" ", "-")
+    command = [sys.executable, str(stage / "train.py"), "--config", config, *settings, "--out_dir", str(out_dir)]
     return subprocess.run(command).returncode, out_dir
 
 
 def table(rows):
     header = ["stage", "samples/s", "data wait", "val loss", "rel. L2 (baseline)", "beats baseline", "wall time",
-              "device"]  # fmt: skip
+              "first step", "peak GPU memory", "device"]  # fmt: skip
     lines = [header] + rows
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines]
@@ -59,6 +79,8 @@ def summary_row(stage, out_dir):
         f"{s['val_relative_l2']:.3f} ({s['baseline_relative_l2']:.3f})",
         "yes" if s["val_relative_l2"] < s["baseline_relative_l2"] else "no",
         f"{s['wall_time_s']:.0f} s",
+        f"{s['first_step_s']:.1f} s" if "first_step_s" in s else "-",  # stage 05 on: compiling shows here
+        f"{s['peak_gpu_memory_gib']:.1f} GiB" if s.get("peak_gpu_memory_gib") else "-",
         s["hardware"],
     ]
 
@@ -66,22 +88,28 @@ def summary_row(stage, out_dir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="quick", help="the named config every stage runs (default: quick)")
-    parser.add_argument("--stages", nargs="*", default=[], help="stage name prefixes, e.g. 01 02 (default: all)")
+    parser.add_argument("--stages", nargs="*", default=[],
+                        help='stage name prefixes, each with its own settings if any: 01 02 "05 --compile true"')  # fmt: skip
     parser.add_argument("--out_dir", help="default: runs/tour/<config> (or under $SCRATCH)")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    shared = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    runs = planned_runs(args.stages, shared)
     tour_dir = common.run_dir("tour", args.config, args.out_dir)
 
     rows, failed = [], []
-    for stage in stage_dirs(args.stages):
-        print(f"\n=== {stage.name} ({args.config}) ===", flush=True)
+    for stage, settings, label in runs:
+        print(f"\n=== {label} ({args.config}) ===", flush=True)
         start = time.perf_counter()
-        runner = run_notebook if (stage / "train.ipynb").exists() else run_script
-        returncode, out_dir = runner(stage, args.config, tour_dir)
-        if returncode != 0:
-            failed.append(stage.name)
-            rows.append([stage.name, "failed", "", "", "", "", f"{time.perf_counter() - start:.0f} s", ""])
+        if (stage / "train.ipynb").exists():
+            returncode, out_dir = run_notebook(stage, args.config, tour_dir)
         else:
-            rows.append(summary_row(stage.name, out_dir))
+            returncode, out_dir = run_script(stage, args.config, tour_dir, settings, label)
+        if returncode != 0:
+            failed.append(label)
+            rows.append([label, "failed", "", "", "", "", f"{time.perf_counter() - start:.0f} s", "", "", ""])
+        else:
+            rows.append(summary_row(label, out_dir))
 
     print(f"\nThe tour, config {args.config!r} (summaries under {tour_dir}):\n")
     print(table(rows))

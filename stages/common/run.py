@@ -195,7 +195,8 @@ def hardware(device):
     """A short description of where this ran, for logs and summaries."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 def setup_logging(out_dir, name):
@@ -215,6 +216,8 @@ def write_summary(out_dir, stage, cfg, device, **figures):
         **figures,
         "hardware": hardware(device),
         "device": device.type,
+        # the largest GPU memory tensors held at once, in this process (a resumed run: since it resumed)
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "host": socket.gethostname(),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -1,0 +1,103 @@
+"""Stage 05: mixed precision (bf16, fp16 with a loss scale), the TF32 switches and torch.compile, on a CPU.
+(That they run on a GPU, and how fast, is measured by stages/compare_speed.py; see the stage README.)"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from helpers import REPO, output_of, run_python, stage_module
+
+STAGE = REPO / "stages" / "05_amp"
+
+
+def train(out_dir, data_root, *extra):
+    return run_python(STAGE / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root,
+                      *extra, cwd=out_dir.parent)  # fmt: skip
+
+
+def newest_checkpoint(out_dir):
+    return torch.load(sorted((out_dir / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+
+
+def summary(out_dir):
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def test_auto_precision_is_float32_on_a_cpu_and_each_name_maps_to_its_type():
+    train_module = stage_module(STAGE)
+    cpu = torch.device("cpu")
+    assert train_module.autocast_dtype("auto", cpu) is None
+    assert train_module.autocast_dtype("fp32", cpu) is None
+    assert train_module.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert train_module.autocast_dtype("fp16", cpu) is torch.float16
+
+
+def test_the_tf32_switch_sets_what_this_torch_reads():
+    train_module = stage_module(STAGE)
+    new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) if new_api else None
+    try:
+        for enabled, word in [(False, "ieee"), (True, "tf32")]:
+            train_module.use_tf32(enabled)
+            if new_api:
+                assert torch.backends.cuda.matmul.fp32_precision == word
+                assert torch.backends.cudnn.conv.fp32_precision == word
+            else:
+                assert torch.backends.cuda.matmul.allow_tf32 is enabled and torch.backends.cudnn.allow_tf32 is enabled
+    finally:
+        if new_api:
+            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def test_fp16_resume_is_bit_exact_and_keeps_the_loss_scale(tmp_path, tiny_data):
+    """The GradScaler's state (the scale, and the count of good steps since it last changed) is part of the
+    run: a resumed fp16 run ends with the weights and the scaler of an uninterrupted one."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    result = train(whole, tiny_data, "--precision", "fp16", "--num_epochs", "1")
+    assert result.returncode == 0, output_of(result)
+    assert "precision fp16" in result.stdout
+    stopped = train(resumed, tiny_data, "--precision", "fp16", "--num_epochs", "1", "--signal_at_step", "9")
+    assert stopped.returncode == 3, output_of(stopped)
+    result = train(resumed, tiny_data, "--precision", "fp16", "--num_epochs", "1")
+    assert result.returncode == 0 and "resuming from" in result.stdout, output_of(result)
+
+    expected, got = newest_checkpoint(whole), newest_checkpoint(resumed)
+    assert expected["scaler"] == got["scaler"]
+    assert expected["scaler"]["scale"] < 65536.0, "an overflow halved the starting scale: the scaler did its job"
+    assert expected["scaler"]["_growth_tracker"] > 0
+    different = [key for key in expected["model"] if not torch.equal(expected["model"][key], got["model"][key])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+
+def test_bf16_lands_within_the_spread_of_two_float32_seeds(tmp_path, tiny_data):
+    """Changing float32 to bf16 moves the validation loss no more than changing the seed does, and changes it
+    (autocast did run). On the `test` config: bf16 runs 8 times slower than float32 on a CPU without bf16
+    instructions, such as CI's, and `quick` would take 3 minutes in bf16 there. The README gives the `quick`
+    figures, measured once with stages/run_all.py."""
+    losses = {}
+    for name, extra in [("fp32 seed 0", []), ("fp32 seed 1", ["--seed", "1"]), ("bf16 seed 0", ["--precision", "bf16"])]:
+        out_dir = tmp_path / name.replace(" ", "-")
+        result = train(out_dir, tiny_data, *extra)
+        assert result.returncode == 0, output_of(result)
+        losses[name] = summary(out_dir)["final_val_loss"]
+    assert summary(tmp_path / "bf16-seed-0")["settings"]["precision"] == "bf16"
+    seed_spread = abs(losses["fp32 seed 1"] - losses["fp32 seed 0"])
+    assert 0 < abs(losses["bf16 seed 0"] - losses["fp32 seed 0"]) <= seed_spread, losses
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ "
+                    "compiler (apt-get install g++); .ci/run installs one, so CI always runs this test")  # fmt: skip
+def test_compile_runs_and_its_checkpoints_load_without_it(tmp_path, tiny_data):
+    """A compiled run checkpoints the model's own weights (no `_orig_mod.` prefix), so it resumes uncompiled.
+    (A one-level U-Net: compiling the test config's three levels takes 90 s on CI's CPU, this one 20 s.)"""
+    out_dir = tmp_path / "run"
+    stopped = train(out_dir, tiny_data, "--depth", "1", "--compile", "true", "--signal_at_step", "3")
+    assert stopped.returncode == 3, output_of(stopped)
+    assert "compile True" in stopped.stdout and "first step: " in stopped.stdout, output_of(stopped)
+    weights = newest_checkpoint(out_dir)["model"]
+    assert not [key for key in weights if key.startswith("_orig_mod.")]
+    resumed = train(out_dir, tiny_data, "--depth", "1", "--compile", "false")
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
+    assert summary(out_dir)["first_step_s"] > 0
