@@ -27,19 +27,24 @@ def stage_dirs(prefixes):
     return [s for s in stages if not prefixes or any(s.name.startswith(p) for p in prefixes)]
 
 
-def planned_runs(items, shared):
-    """[(stage folder, its settings, row label)] from items such as "05" or "05 --compile true"."""
-    if not items:
-        return [(stage, shared, stage.name) for stage in stage_dirs([])]
-    runs = []
+def planned_runs(items, shared, config):
+    """[(stage folder, its settings, row label)] from items such as "05" or "05 --compile true". Each run's
+    settings are checked now: a typo in the last one stops the tour before the first one starts."""
+    runs = [(stage, shared, stage.name) for stage in stage_dirs([])] if not items else []
     for item in items:
         prefix, *own = item.split()
         stages = stage_dirs([prefix])
         if len(stages) != 1:
             raise common.UserError(f"--stages {item!r}: {prefix!r} names {len(stages)} stages; give one, e.g. 05")
-        if (stages[0] / "train.ipynb").exists() and own + shared:
-            raise common.UserError(f"{stages[0].name} is a notebook: settings go to the script stages only")
         runs.append((stages[0], own + shared, " ".join([stages[0].name, *own])))
+    for stage, settings, label in runs:
+        if (stage / "train.ipynb").exists() and settings:
+            raise common.UserError(f"{stage.name} is a notebook: settings go to the script stages only")
+        if (stage / "train.py").exists():
+            try:
+                common.load_config(stage / "config.yaml", ["--config", config, *settings])
+            except common.UserError as error:
+                raise common.UserError(f"{label}: {error}") from None
     return runs
 
 
@@ -88,13 +93,13 @@ def summary_row(stage, out_dir):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="quick", help="the named config every stage runs (default: quick)")
-    parser.add_argument("--stages", nargs="*", default=[],
-                        help='stage name prefixes, each with its own settings if any: 01 02 "05 --compile true"')  # fmt: skip
+    help_stages = 'stage name prefixes, each with its own settings if any: 01 02 "05 --compile true" (default: all)'
+    parser.add_argument("--stages", nargs="*", default=[], help=help_stages)
     parser.add_argument("--out_dir", help="default: runs/tour/<config> (or under $SCRATCH)")
     argv = sys.argv[1:]
     shared = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    runs = planned_runs(args.stages, shared)
+    runs = planned_runs(args.stages, shared, args.config)
     tour_dir = common.run_dir("tour", args.config, args.out_dir)
 
     rows, failed = [], []

@@ -76,8 +76,8 @@ def test_bf16_lands_within_the_spread_of_two_float32_seeds(tmp_path, tiny_data):
     (autocast did run). On the `test` config: bf16 runs 8 times slower than float32 on a CPU without bf16
     instructions, such as CI's, and `quick` would take 3 minutes in bf16 there. The README gives the `quick`
     figures, measured once with stages/run_all.py."""
-    losses = {}
-    for name, extra in [("fp32 seed 0", []), ("fp32 seed 1", ["--seed", "1"]), ("bf16 seed 0", ["--precision", "bf16"])]:
+    losses, runs = {}, {"fp32 seed 0": [], "fp32 seed 1": ["--seed", "1"], "bf16 seed 0": ["--precision", "bf16"]}
+    for name, extra in runs.items():
         out_dir = tmp_path / name.replace(" ", "-")
         result = train(out_dir, tiny_data, *extra)
         assert result.returncode == 0, output_of(result)

@@ -95,7 +95,8 @@ def check_command(words, markdown):
             check_stage_arguments(script, words[2:])
         else:  # argparse checks the options given before --help, then exits 0
             values = [w.replace("$SCRATCH", "/tmp") for w in words[2:]]
-            result = run_python(script, *values, "--help", cwd=REPO, timeout=120)
+            values.insert(values.index("--") if "--" in values else len(values), "--help")  # before what it passes on
+            result = run_python(script, *values, cwd=REPO, timeout=120)
             assert result.returncode == 0, f"{where}\n{output_of(result)}"
         return
     if program in ("pip", "jupyter", "tensorboard", "pytest", "ruff", "shellcheck"):

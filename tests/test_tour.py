@@ -1,6 +1,9 @@
 """The tour runs every stage in its `quick` config and prints one table with a row for each; every `quick`
 run beats the physics baseline (the first table a learner sees must not say the network loses to it)."""
 
+import pytest
+
+import common
 from helpers import REPO, STAGES, output_of, run_python
 
 
@@ -15,3 +18,29 @@ def test_tour_runs_every_stage_and_each_beats_the_baseline(tmp_path):
         assert "failed" not in row and "CPU" in row, row
         assert row.split()[6] == "yes", f"{stage.name}'s quick run does not beat the physics baseline: {row}"
         assert (tmp_path / "tour" / stage.name / "summary.json").exists()
+
+
+def test_stages_side_by_side_with_settings_of_their_own(tmp_path):
+    """Settings after a stage's prefix go to that run, settings after `--` to every run: a comparison of
+    stages on the same config in one command (stage 05's README uses it on a GPU)."""
+    result = run_python(REPO / "stages" / "run_all.py", "--config", "test", "--out_dir", tmp_path / "side",
+                        "--stages", "04", "05 --seed 1", "--", "--num_epochs", "1", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, output_of(result)
+    table = result.stdout.split("The tour, config 'test'")[1]
+    assert "first step" in table and "peak GPU memory" in table
+    assert [line.split()[0] for line in table.splitlines()[3:]] == ["04_data_loading", "05_amp"], table
+    assert "05_amp --seed 1 " in table
+    seeded = common.read_summary(tmp_path / "side" / "05_amp_seed-1")
+    assert seeded["settings"]["seed"] == 1 and seeded["steps"] == 16, "its own seed, and the shared --num_epochs 1"
+    assert common.read_summary(tmp_path / "side" / "04_data_loading")["settings"]["seed"] == 0
+
+
+@pytest.mark.parametrize(("stages", "message"), [
+    (["0"], "--stages '0': '0' names"),
+    (["01 --seed 1"], "01_notebook is a notebook: settings go to the script stages only"),
+])  # fmt: skip
+def test_stages_that_cannot_run_side_by_side_are_refused(stages, message, tmp_path):
+    result = run_python(REPO / "stages" / "run_all.py", "--stages", *stages, "--out_dir", tmp_path, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, output_of(result)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line, output_of(result)

@@ -241,7 +241,8 @@ def train(cfg, out_dir):
                 log.info(f"first step: {first_step_time:.1f} s, not counted in samples/s")
                 window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
 
-            if window_steps == cfg.log_every or (window_steps and batch_index == batches_per_epoch - 1):
+            # Every log_every steps of the run (the first step is timed apart, so counting the window's would shift)
+            if window_steps and (step % cfg.log_every == 0 or batch_index == batches_per_epoch - 1):
                 raise_if_diverged(loss, step, cfg.lr)  # .item() waits for the GPU: here, once per log line
                 elapsed = time.perf_counter() - window_start
                 samples_per_s = window_steps * cfg.batch_size / elapsed
