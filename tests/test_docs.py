@@ -187,10 +187,10 @@ def test_notebooks_run_quick_and_write_outside_the_repository():
 
 @pytest.mark.parametrize("stage", STAGES[3:], ids=[s.name for s in STAGES[3:]])
 def test_files_copied_from_the_stage_before_match_it(stage):
-    """checkpoints.py and predict.py are copied from stage to stage unchanged (but for the stage's name), so a
-    fix in one must reach every later stage."""
+    """checkpoints.py, predict.py and submit_pm.sh are copied from stage to stage unchanged (but for the stage's
+    name), so a fix in one must reach every later stage."""
     before = STAGES[STAGES.index(stage) - 1]
-    for name in ("checkpoints.py", "predict.py"):
+    for name in ("checkpoints.py", "predict.py", "submit_pm.sh"):
         if (before / name).exists():
             expected = (before / name).read_text().replace(before.name, stage.name)
             assert (stage / name).read_text() == expected, f"{stage.name}/{name} differs from {before.name}/{name}"
