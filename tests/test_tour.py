@@ -28,7 +28,8 @@ def test_stages_side_by_side_with_settings_of_their_own(tmp_path):
     assert result.returncode == 0, output_of(result)
     table = result.stdout.split("The tour, config 'test'")[1]
     assert "first step" in table and "peak GPU memory" in table
-    assert [line.split()[0] for line in table.splitlines() if line.startswith("0")] == ["04_data_loading", "05_amp"], table
+    rows = [line.split()[0] for line in table.splitlines() if line.startswith("0")]
+    assert rows == ["04_data_loading", "05_amp"], table
     assert "05_amp --seed 1 " in table
     seeded = common.read_summary(tmp_path / "side" / "05_amp_seed-1")
     assert seeded["settings"]["seed"] == 1 and seeded["steps"] == 16, "its own seed, and the shared --num_epochs 1"
