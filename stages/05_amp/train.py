@@ -1,7 +1,7 @@
 """Stage 05: a cheaper step. Mixed precision (bf16 or fp16 with loss scaling), TF32, torch.compile, a fused
 optimizer and fewer waits for the GPU.
 
-    python stages/05_amp/train.py --config quick                    # on a CPU: float32 (bf16 is slower on most)
+    python stages/05_amp/train.py --config quick                    # on a CPU: float32 (bf16 is slower on many)
     python stages/05_amp/train.py --config default --compile true   # on a GPU: bf16 and a compiled model
 """
 
@@ -111,7 +111,7 @@ def make_deterministic():
 
 def autocast_dtype(precision, device):
     """The 16-bit type autocast computes in (None: float32 everywhere). auto: bf16 on a GPU that has it, fp16 on an
-    older GPU; float32 on a CPU, where bf16 ran 4 to 12 times slower than float32 on ours (see the README)."""
+    older GPU; float32 on a CPU, where bf16 ran 5 times slower than float32 on ours (see the README)."""
     if precision == "auto":
         precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
