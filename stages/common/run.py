@@ -138,9 +138,12 @@ def output_root(kind, default):
     return REPO / default
 
 
-def run_dir(stage, config, out_dir=None):
-    """The run's output folder: created, checked for writing, and locked for this process (one run per folder)."""
+def run_dir(stage, config, out_dir=None, create=True):
+    """The run's output folder: created, checked for writing, and locked for this process (one run per folder).
+    create=False: only its path, for a process that reads the folder but never writes to it."""
     folder = Path(out_dir) if out_dir else output_root("runs", default=Path("runs")) / stage / config
+    if not create:
+        return folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write_test"
