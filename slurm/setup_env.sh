@@ -27,9 +27,12 @@ case "$TUTORIAL_ENV" in
     ;;
   podman)
     : "${TUTORIAL_IMAGE:?set TUTORIAL_IMAGE to the image you built, see docker/README.md}"
+    # Multi-node NCCL from a container (NERSC's container docs): the host's NCCL network plugin (--nccl), and
+    # libfabric's memory-registration cache watched by userfaultfd.
+    export FI_MR_CACHE_MONITOR=userfaultfd
     # Pass Slurm's and the tutorial's variables into the container, and mount the repo and $SCRATCH.
-    TUTORIAL_PYTHON=(podman-hpc run --rm --gpu --ipc=host --network=host
-      -e 'SLURM_*' -e 'MASTER_*' -e SCRATCH -v "$PWD:$PWD" -w "$PWD")
+    TUTORIAL_PYTHON=(podman-hpc run --rm --gpu --nccl --ipc=host --network=host
+      -e 'SLURM_*' -e 'MASTER_*' -e OMP_NUM_THREADS -e FI_MR_CACHE_MONITOR -e SCRATCH -v "$PWD:$PWD" -w "$PWD")
     if [[ -n "${SCRATCH:-}" ]]; then
       TUTORIAL_PYTHON+=(-v "$SCRATCH:$SCRATCH")
     fi
@@ -37,6 +40,7 @@ case "$TUTORIAL_ENV" in
     ;;
   shifter)
     : "${TUTORIAL_IMAGE:?set TUTORIAL_IMAGE to the image you pulled, see docker/README.md}"
+    export FI_MR_CACHE_MONITOR=userfaultfd  # as for podman above; shifter's nccl-plugin module brings the plugin
     TUTORIAL_PYTHON=(shifter --image="$TUTORIAL_IMAGE" "--module=gpu,nccl-plugin" python)
     ;;
   venv)

@@ -4,6 +4,9 @@
     python stages/run_all.py --config full     # on a GPU node
     python stages/run_all.py --stages 01 02    # some stages only
 
+From stage 06 on (the stages with a distributed.py), a stage runs under torchrun: one process per GPU, or 2 on
+a CPU (--nproc_per_node N changes that).
+
 A stage may carry its own settings, and settings after `--` go to every stage's train.py, for runs side by side:
 
     python stages/run_all.py --config full --stages 02 04 05 "05 --compile true" -- --num_epochs 2
@@ -15,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
@@ -58,9 +63,12 @@ def run_notebook(stage, config, tour_dir):
     return subprocess.run(command, env=env).returncode, out_dir
 
 
-def run_script(stage, config, tour_dir, settings=(), label=None):
+def run_script(stage, config, tour_dir, settings=(), label=None, nproc_per_node=None):
     out_dir = tour_dir / (label or stage.name).replace(" --", "_").replace(" ", "-")
-    command = [sys.executable, str(stage / "train.py"), "--config", config, *settings, "--out_dir", str(out_dir)]
+    launcher = [sys.executable]
+    if (stage / "distributed.py").exists():  # data parallel: torchrun starts the processes
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node)]
+    command = [*launcher, str(stage / "train.py"), "--config", config, *settings, "--out_dir", str(out_dir)]
     return subprocess.run(command).returncode, out_dir
 
 
@@ -96,10 +104,12 @@ def main():
     help_stages = 'stage name prefixes, each with its own settings if any: 01 02 "05 --compile true" (default: all)'
     parser.add_argument("--stages", nargs="*", default=[], help=help_stages)
     parser.add_argument("--out_dir", help="default: runs/tour/<config> (or under $SCRATCH)")
+    parser.add_argument("--nproc_per_node", type=int, help="processes of stage 06 on (default: the GPUs, or 2)")
     argv = sys.argv[1:]
     shared = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     runs = planned_runs(args.stages, shared, args.config)
+    nproc = args.nproc_per_node or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
     tour_dir = common.run_dir("tour", args.config, args.out_dir)
 
     rows, failed = [], []
@@ -109,7 +119,7 @@ def main():
         if (stage / "train.ipynb").exists():
             returncode, out_dir = run_notebook(stage, args.config, tour_dir)
         else:
-            returncode, out_dir = run_script(stage, args.config, tour_dir, settings, label)
+            returncode, out_dir = run_script(stage, args.config, tour_dir, settings, label, nproc)
         if returncode != 0:
             failed.append(label)
             rows.append([label, "failed", "", "", "", "", f"{time.perf_counter() - start:.0f} s", "", "", ""])

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `common` from any working directory
+import distributed
+
 import checkpoints
 import common
-import distributed
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
@@ -74,8 +75,8 @@ def make_loaders(cfg, data_dir, device, rank=0, world_size=1):
     train_loader = DataLoader(train_set, batch_size=sampler.local_batch, sampler=sampler, drop_last=True,
                               num_workers=workers, pin_memory=pin, persistent_workers=persistent,
                               prefetch_factor=prefetch, worker_init_fn=ignore_stop_signals)  # fmt: skip
-    val_loader = DataLoader(val_set, batch_size=sampler.local_batch, num_workers=workers, pin_memory=pin,
-                            sampler=range(rank, len(val_set), world_size), worker_init_fn=ignore_stop_signals)  # fmt: skip
+    val_loader = DataLoader(val_set, batch_size=sampler.local_batch, sampler=range(rank, len(val_set), world_size),
+                            num_workers=workers, pin_memory=pin, worker_init_fn=ignore_stop_signals)  # fmt: skip
     log.info(f"data loading: {workers} worker processes, pin_memory {pin}, prefetch_factor {cfg.prefetch_factor}")
     return train_set, sampler, train_loader, val_loader
 
@@ -195,8 +196,9 @@ def train(cfg, out_dir, rank, local_rank, world_size, launcher):
         (global_epoch_loss,) = distributed.sum_over_ranks(epoch_loss, device=device)
         path = None
         if rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": checkpoints.rng_states(), "epoch": epoch,
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "rng": checkpoints.rng_states(), "epoch": epoch,
                      "batch_in_epoch": batch_in_epoch, "step": step, "epoch_loss": global_epoch_loss / world_size,
                      "best_val_loss": best_val_loss, "settings": run_settings(cfg),
                      "totals": {**totals, "wall_time": totals["wall_time"] + time.perf_counter() - start},
@@ -249,7 +251,8 @@ def train(cfg, out_dir, rank, local_rank, world_size, launcher):
             # The ranks compare notes at the same steps (a collective waits for all): the mean loss, and whether any
             # of them was asked to stop. So all stop at the same step, and a NaN stops all, before any checkpoint.
             end_of_epoch = batch_index == batches_per_epoch - 1
-            if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or end_of_epoch:
+            alone_and_asked = stop_signal is not None and launcher is None  # nobody to agree with: stop now
+            if alone_and_asked or end_of_epoch or step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0:
                 loss_sum, wait_sum, stops = distributed.sum_over_ranks(loss, window_wait, stop_signal is not None,
                                                                        device=device)  # fmt: skip
                 mean_loss, stop = loss_sum / world_size, stops > 0

@@ -1,0 +1,141 @@
+"""Stage 06, data parallel on a CPU with gloo: the same step as one process, an agreed stop, a bit-exact resume
+with 2 ranks, and clear refusals. (torchrun on `quick` is run by the tour, tests/test_tour.py; srun, the
+requeue and a dead rank on the local Slurm, tests/test_slurm_stages.py.)"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import REPO, output_of, run_python
+from test_checkpoint import assert_same_weights, final_weights
+
+STAGE = REPO / "stages" / "06_ddp"
+
+
+def torchrun(out_dir, data_root, *extra, nproc=2, **popen):
+    """`torchrun --standalone --nproc_per_node 2 stages/06_ddp/train.py --config test ...`, as the README says."""
+    return run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc, STAGE / "train.py",
+                      "--config", "test", "--out_dir", out_dir, "--data_root", data_root, *extra, cwd=out_dir.parent,
+                      **popen)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_data):
+    """The final weights of an uninterrupted run with 2 processes."""
+    out_dir = tmp_path_factory.mktemp("two_ranks") / "run"
+    result = torchrun(out_dir, tiny_data)
+    assert result.returncode == 0, output_of(result)
+    return final_weights(out_dir)
+
+
+def checkpoint_after_one_step(out_dir, data_root, nproc):
+    """Train one step (the signal at step 1 stops the run there, with a checkpoint) and load that checkpoint."""
+    arguments = ["--checkpoint_every", "1", "--signal_at_step", "1"]
+    if nproc == 1:
+        result = run_python(STAGE / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root,
+                            *arguments, cwd=out_dir.parent)  # fmt: skip
+    else:
+        result = torchrun(out_dir, data_root, *arguments, nproc=nproc)
+    assert "saved" in result.stdout and "at step 1;" in result.stdout, output_of(result)
+    return torch.load(out_dir / "checkpoints" / "step-00000001.pt", weights_only=True)
+
+
+def test_two_ranks_take_the_step_of_one_process_with_their_batch(tmp_path, tiny_data):
+    """2 processes x 16 samples make the same update as 1 process x 32 (the test config's global batch is 32).
+    Not bit for bit: the mean gradient is summed in another order. The gradients (AdamW's first moment after
+    one step is 0.1 x the gradient), all together, agree to 1e-5 relative. The weights agree to 1e-4 absolute, with lr 2e-3:
+    AdamW's first step moves each weight by about lr x gradient / |gradient|, which for the tiniest gradients
+    turns rounding differences into visible ones."""
+    one = checkpoint_after_one_step(tmp_path / "one", tiny_data, nproc=1)
+    two = checkpoint_after_one_step(tmp_path / "two", tiny_data, nproc=2)
+    moment, moment_two = (torch.cat([state["exp_avg"].flatten() for state in c["optimizer"]["state"].values()])
+                          for c in (one, two))  # fmt: skip
+    assert (moment - moment_two).norm() <= 1e-5 * moment.norm()
+    for key in one["model"]:
+        torch.testing.assert_close(two["model"][key], one["model"][key], rtol=0, atol=1e-4, msg=key)
+
+
+def rank_process(parent_pid, rank):
+    """The pid of the training process of `rank` among the children of torchrun (`parent_pid`)."""
+    for child in open(f"/proc/{parent_pid}/task/{parent_pid}/children").read().split():
+        environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no process of rank {rank} under {parent_pid}")
+
+
+def start_torchrun(out_dir, data_root):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               STAGE / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
+
+
+def wait_for_line(process, text):
+    for line in process.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"the run ended before printing {text!r}")
+
+
+def test_a_signal_to_one_rank_stops_all_at_the_same_step_and_resume_is_bit_exact(tmp_path, tiny_data, two_ranks):
+    """SIGTERM to rank 1 alone (it writes nothing): the ranks agree at their next check, rank 0 saves, all stop;
+    the rerun resumes and ends with the weights of an uninterrupted 2-process run, bit for bit."""
+    out_dir = tmp_path / "run"
+    job = start_torchrun(out_dir, tiny_data)
+    wait_for_line(job, "step 8/")
+    os.kill(rank_process(job.pid, 1), signal.SIGTERM)
+    output = job.stdout.read()
+    job.wait(timeout=120)
+    assert "a stop signal to another process received: saved" in output, output
+    resumed = torchrun(out_dir, tiny_data)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
+    assert_same_weights(final_weights(out_dir), two_ranks)
+
+
+def test_sigkill_of_the_whole_job_then_resume_is_bit_exact(tmp_path, tiny_data, two_ranks):
+    out_dir = tmp_path / "run"
+    job = start_torchrun(out_dir, tiny_data)
+    wait_for_line(job, "step 16/")
+    time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)  # torchrun, both ranks and their data workers: no chance to save
+    job.wait(timeout=60)
+    assert sorted((out_dir / "checkpoints").glob("step-*.pt")), "no checkpoint before the kill: it tested nothing"
+    resumed = torchrun(out_dir, tiny_data)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
+    assert_same_weights(final_weights(out_dir), two_ranks)
+
+
+def test_a_global_batch_that_does_not_divide_is_refused(tmp_path, tiny_data):
+    """Checked before any process group exists: rank 0 of 2, as torchrun would start it, stops at once."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    result = run_python(STAGE / "train.py", "--config", "test", "--batch_size", "33", "--data_root", tiny_data,
+                        "--out_dir", tmp_path / "run", cwd=tmp_path, env=env)  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr, output_of(result)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --batch_size 33 is the global batch, shared by 2 processes: choose a multiple of 2"
+    ), output_of(result)
+
+
+def test_ranks_started_with_different_settings_are_refused(tmp_path, tiny_data):
+    """Two processes started by hand, as two launchers might, rank 1 with another seed: it would learn from
+    other batches than rank 0 believes. Both stop with one line that names the difference."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500)}
+    processes = []
+    for rank, seed in [(0, "0"), (1, "1")]:
+        command = [sys.executable, STAGE / "train.py", "--config", "test", "--seed", seed, "--data_root", tiny_data,
+                   "--out_dir", tmp_path / "run"]  # fmt: skip
+        rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        processes.append(subprocess.Popen(command, cwd=tmp_path, env=rank_env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))  # fmt: skip
+    for rank, process in enumerate(processes):
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 1 and "Traceback" not in err, f"rank {rank}: {out}{err}"
+        expected = "rank 1 would train another run than rank 0 (seed 1 there, 0 on rank 0)"
+        assert expected in err.strip().splitlines()[-1], f"rank {rank}: {err}"
+    assert not (tmp_path / "run" / "checkpoints").exists(), "nothing was trained, nothing saved"
