@@ -48,9 +48,9 @@ def checkpoint_after_one_step(out_dir, data_root, nproc):
 def test_two_ranks_take_the_step_of_one_process_with_their_batch(tmp_path, tiny_data):
     """2 processes x 16 samples make the same update as 1 process x 32 (the test config's global batch is 32).
     Not bit for bit: the mean gradient is summed in another order. The gradients (AdamW's first moment after
-    one step is 0.1 x the gradient), all together, agree to 1e-5 relative. The weights agree to 1e-4 absolute, with lr 2e-3:
-    AdamW's first step moves each weight by about lr x gradient / |gradient|, which for the tiniest gradients
-    turns rounding differences into visible ones."""
+    one step is 0.1 x the gradient), all together, agree to 1e-5 relative. The weights agree to 1e-4 absolute,
+    with lr 2e-3: AdamW's first step moves each weight by about lr x gradient / |gradient|, which for the
+    tiniest gradients turns rounding differences into visible ones."""
     one = checkpoint_after_one_step(tmp_path / "one", tiny_data, nproc=1)
     two = checkpoint_after_one_step(tmp_path / "two", tiny_data, nproc=2)
     moment, moment_two = (torch.cat([state["exp_avg"].flatten() for state in c["optimizer"]["state"].values()])
@@ -139,3 +139,13 @@ def test_ranks_started_with_different_settings_are_refused(tmp_path, tiny_data):
         expected = "rank 1 would train another run than rank 0 (seed 1 there, 0 on rank 0)"
         assert expected in err.strip().splitlines()[-1], f"rank {rank}: {err}"
     assert not (tmp_path / "run" / "checkpoints").exists(), "nothing was trained, nothing saved"
+
+
+def test_hello_all_reduce_leaves_the_sum_on_every_rank(tmp_path):
+    """The README's first command."""
+    result = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        STAGE / "hello_allreduce.py", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, output_of(result)
+    for rank in (0, 1):
+        assert f"rank {rank} of 2: I hold {rank + 1}\n" in result.stdout, output_of(result)
+        assert f"rank {rank} of 2: after all_reduce I hold 3\n" in result.stdout, output_of(result)

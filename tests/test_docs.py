@@ -88,6 +88,10 @@ def check_command(words, markdown):
             assert script.exists(), where
             check_stage_arguments(script, words[script_index + 1 :])
         return
+    if program == "torchrun":  # torchrun [its options] script.py [the script's options]
+        script_index = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        words = ["python", *words[script_index:]]
+        program = "python"
     if program in ("python", "python3"):
         script = REPO / words[1]
         assert script.exists(), where
@@ -185,12 +189,17 @@ def test_notebooks_run_quick_and_write_outside_the_repository():
     assert runs.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()), runs
 
 
+# The files a stage changes as part of its concept, and so does not copy from the stage before.
+CHANGED_BY_CONCEPT = {"06_ddp": {"submit_pm.sh"}}  # a whole node: 4 processes, 4 GPUs, the regular QOS
+
+
 @pytest.mark.parametrize("stage", STAGES[3:], ids=[s.name for s in STAGES[3:]])
 def test_files_copied_from_the_stage_before_match_it(stage):
-    """checkpoints.py, predict.py and submit_pm.sh are copied from stage to stage unchanged (but for the stage's
-    name), so a fix in one must reach every later stage."""
+    """checkpoints.py, predict.py, submit_pm.sh and (from stage 06 on) distributed.py and submit_pm_torchrun.sh are
+    copied from stage to stage unchanged (but for the stage's name), so a fix in one must reach every later stage."""
     before = STAGES[STAGES.index(stage) - 1]
-    for name in ("checkpoints.py", "predict.py", "submit_pm.sh"):
+    copied = {"checkpoints.py", "predict.py", "submit_pm.sh", "distributed.py", "submit_pm_torchrun.sh"}
+    for name in sorted(copied - CHANGED_BY_CONCEPT.get(stage.name, set())):
         if (before / name).exists():
             expected = (before / name).read_text().replace(before.name, stage.name)
             assert (stage / name).read_text() == expected, f"{stage.name}/{name} differs from {before.name}/{name}"

@@ -7,17 +7,42 @@ import common
 from helpers import REPO, STAGES, output_of, run_python
 
 
-def test_tour_runs_every_stage_and_each_beats_the_baseline(tmp_path):
-    result = run_python(REPO / "stages" / "run_all.py", "--out_dir", tmp_path / "tour", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory):
+    """`python stages/run_all.py`, as the Quick start says: its output and its folder."""
+    folder = tmp_path_factory.mktemp("tour")
+    result = run_python(REPO / "stages" / "run_all.py", "--out_dir", folder / "tour", cwd=folder)
     assert result.returncode == 0, output_of(result)
-    table = result.stdout.split("The tour, config 'quick'")[1]
+    return result.stdout, folder / "tour"
+
+
+def test_tour_runs_every_stage_and_each_beats_the_baseline(tour):
+    output, folder = tour
+    table = output.split("The tour, config 'quick'")[1]
     print(table)
     assert "samples/s" in table and "rel. L2 (baseline)" in table and "beats baseline" in table
     for stage in STAGES:
         row = next(line for line in table.splitlines() if line.startswith(stage.name))
         assert "failed" not in row and "CPU" in row, row
         assert row.split()[6] == "yes", f"{stage.name}'s quick run does not beat the physics baseline: {row}"
-        assert (tmp_path / "tour" / stage.name / "summary.json").exists()
+        assert (folder / stage.name / "summary.json").exists()
+
+
+@pytest.mark.parametrize("stage", [s for s in STAGES if (s / "distributed.py").exists()], ids=lambda s: s.name)
+def test_tour_runs_data_parallel_stages_with_two_processes_and_only_rank_0_writes(stage, tour):
+    """The tour runs `torchrun --standalone --nproc_per_node 2 stages/06_ddp/train.py --config quick` (gloo)."""
+    output, folder = tour
+    summary = common.read_summary(folder / stage.name)
+    assert summary["world_size"] == 2 and summary["device"] == "cpu"
+    run = folder / stage.name
+    assert sorted(path.name for path in run.iterdir()) == [".lock", "checkpoints", "summary.json", "tensorboard",
+                                                          "train.log"]  # fmt: skip
+    assert len(list((run / "tensorboard").iterdir())) == 1, "one event file: rank 0's"
+    log = (run / "train.log").read_text()
+    assert log.count("done in") == 1 and log.count("first step:") == 1, "rank 0 alone logs"
+    assert "2 process(es), launcher torchrun: 16 samples of each batch of 32 per process" in log
+    section = output.split(f"=== {stage.name} (quick) ===")[1].split("===")[0]
+    assert section.count("done in") == 1, "rank 0 alone prints"
 
 
 def test_stages_side_by_side_with_settings_of_their_own(tmp_path):
