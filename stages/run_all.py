@@ -74,7 +74,7 @@ def run_script(stage, config, tour_dir, settings=(), label=None, nproc_per_node=
 
 def table(rows):
     header = ["stage", "samples/s", "data wait", "val loss", "rel. L2 (baseline)", "beats baseline", "wall time",
-              "first step", "peak GPU memory", "device"]  # fmt: skip
+              "first step", "peak GPU memory", "processes", "device"]  # fmt: skip
     lines = [header] + rows
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines]
@@ -94,6 +94,7 @@ def summary_row(stage, out_dir):
         f"{s['wall_time_s']:.0f} s",
         f"{s['first_step_s']:.1f} s" if "first_step_s" in s else "-",  # stage 05 on: compiling shows here
         f"{s['peak_gpu_memory_gib']:.1f} GiB" if s.get("peak_gpu_memory_gib") else "-",
+        str(s.get("world_size", 1)),  # stage 06 on: processes training together (each on this hardware)
         s["hardware"],
     ]
 
@@ -122,7 +123,7 @@ def main():
             returncode, out_dir = run_script(stage, args.config, tour_dir, settings, label, nproc)
         if returncode != 0:
             failed.append(label)
-            rows.append([label, "failed", "", "", "", "", f"{time.perf_counter() - start:.0f} s", "", "", ""])
+            rows.append([label, "failed", "", "", "", "", f"{time.perf_counter() - start:.0f} s", "", "", "", ""])
         else:
             rows.append(summary_row(label, out_dir))
 

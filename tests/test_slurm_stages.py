@@ -173,3 +173,15 @@ def test_the_trap_requeues_only_a_run_that_stopped_early(train_exit, requeued, t
     assert job.wait(timeout=30) == train_exit, output
     calls = (tmp_path / "scontrol-calls").read_text() if (tmp_path / "scontrol-calls").exists() else ""
     assert calls == ("requeue 42\n" if requeued else ""), output
+
+
+@pytest.mark.skipif(not (NEWEST / "submit_pm_torchrun.sh").exists(), reason="from stage 06 on")
+def test_the_torchrun_variant_runs_four_processes_from_one_task(local_slurm, tmp_path, tiny_data):
+    """submit_pm_torchrun.sh: one task on the node, whose torchrun starts one process per (fake) GPU."""
+    env = {**local_slurm, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{local_slurm['PATH']}"}
+    out_dir = tmp_path / "run"
+    code, output = sbatch_wait(env, "-A", "tutorial", NEWEST.relative_to(REPO) / "submit_pm_torchrun.sh",
+                               "--config", "test", "--data_root", tiny_data, "--out_dir", out_dir)  # fmt: skip
+    assert code == 0, output
+    summary = common.read_summary(out_dir)
+    assert summary["world_size"] == 4 and "launcher torchrun" in output and "rendezvous" in output, output
