@@ -366,7 +366,7 @@ def main(argv=None):
     if summary is None:
         sys.exit(3)  # not 0: the run stopped early, with a checkpoint to resume from
     if rank == 0:
-            log.info(
+        log.info(
             f"done in {summary['wall_time_s']:.0f} s: val relative L2 error {summary['val_relative_l2']:.3f} "
             f"(baseline {summary['baseline_relative_l2']:.3f}), {summary['samples_per_s']:.0f} samples/s; "
             f"summary in {out_dir / 'summary.json'}"
