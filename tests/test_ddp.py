@@ -77,10 +77,13 @@ def start_torchrun(out_dir, data_root):
 
 
 def wait_for_line(process, text):
+    """Read the process's output up to the line that holds `text`; return what was read."""
+    lines = []
     for line in process.stdout:
+        lines.append(line)
         if text in line:
-            return
-    raise AssertionError(f"the run ended before printing {text!r}")
+            return "".join(lines)
+    raise AssertionError(f"the run ended before printing {text!r}:\n{''.join(lines)}")
 
 
 def test_a_signal_to_one_rank_stops_all_at_the_same_step_and_resume_is_bit_exact(tmp_path, tiny_data, two_ranks):
@@ -99,16 +102,18 @@ def test_a_signal_to_one_rank_stops_all_at_the_same_step_and_resume_is_bit_exact
 
 
 def test_sigkill_of_the_whole_job_then_resume_is_bit_exact(tmp_path, tiny_data, two_ranks):
-    out_dir = tmp_path / "run"
-    job = start_torchrun(out_dir, tiny_data)
-    wait_for_line(job, "step 16/")
+    """Also: with no data yet, rank 0 alone generates them (once) while rank 1 waits."""
+    out_dir, data_root = tmp_path / "run", tmp_path / "fresh_data"
+    job = start_torchrun(out_dir, data_root)
+    output = wait_for_line(job, "step 16/")
+    assert output.count("generating it now") == 1, output
     time.sleep(0.1)
     os.killpg(job.pid, signal.SIGKILL)  # torchrun, both ranks and their data workers: no chance to save
     job.wait(timeout=60)
     assert sorted((out_dir / "checkpoints").glob("step-*.pt")), "no checkpoint before the kill: it tested nothing"
-    resumed = torchrun(out_dir, tiny_data)
+    resumed = torchrun(out_dir, data_root)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
-    assert_same_weights(final_weights(out_dir), two_ranks)
+    assert_same_weights(final_weights(out_dir), two_ranks)  # the data are generated the same, from their seed
 
 
 def test_a_global_batch_that_does_not_divide_is_refused(tmp_path, tiny_data):
