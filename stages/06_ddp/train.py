@@ -21,10 +21,9 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `common` from any working directory
-import distributed
-
 import checkpoints
 import common
+import distributed
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
