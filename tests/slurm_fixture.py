@@ -42,9 +42,10 @@ def local_slurm():
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def submit(env: dict, *args: str) -> str:
+def submit(env: dict, *args: str, cwd=None) -> str:
     """Submit without waiting; return the job id."""
-    result = subprocess.run(["sbatch", "--parsable", *args], env=env, capture_output=True, text=True, check=True)
+    result = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                            check=True)  # fmt: skip
     return result.stdout.strip().split(";")[0]
 
 
