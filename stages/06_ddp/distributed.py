@@ -43,8 +43,12 @@ def meeting_point_from_slurm():
     from. MASTER_PORT: 15000 to 29999, from the job id (below the ports Linux hands out to connections)."""
     if "MASTER_ADDR" not in os.environ:
         nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ["SLURM_JOB_NODELIST"]
-        hostnames = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                                   check=True).stdout.split()  # fmt: skip
+        try:
+            hostnames = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                       check=True).stdout.split()  # fmt: skip
+        except (OSError, subprocess.CalledProcessError) as error:  # e.g. in a container without Slurm's tools
+            raise common.UserError(f"cannot name the first node of {nodes} ({error}): export MASTER_ADDR=<it> "
+                                   "before srun, as stages/06_ddp/submit_pm.sh does") from None  # fmt: skip
         os.environ["MASTER_ADDR"] = hostnames[0]
     os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ["SLURM_JOB_ID"]) % 15000))
 
