@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from helpers import REPO, output_of, run_python
+from helpers import REPO, output_of, run_python, stage_module
 from test_checkpoint import assert_same_weights, final_weights
 
 STAGE = REPO / "stages" / "06_ddp"
@@ -154,3 +154,22 @@ def test_hello_all_reduce_leaves_the_sum_on_every_rank(tmp_path):
     for rank in (0, 1):
         assert f"rank {rank} of 2: I hold {rank + 1}\n" in result.stdout, output_of(result)
         assert f"rank {rank} of 2: after all_reduce I hold 3\n" in result.stdout, output_of(result)
+
+
+def test_the_meeting_point_under_srun_is_the_first_node_and_a_port_of_the_job(tmp_path, monkeypatch):
+    """What distributed.py works out for an srun task: the step's first node (from scontrol, here a stand-in that
+    expands the node list) and 15000 + job id % 15000; without scontrol, a one-line error that says what to set."""
+    distributed = stage_module(STAGE, "distributed")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "nid[001004-001005]")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
+    with pytest.raises(distributed.common.UserError, match="export MASTER_ADDR=<it> before srun"):
+        distributed.meeting_point_from_slurm()
+    scontrol = tmp_path / "scontrol"
+    expand = 'printf "nid001004\\nnid001005\\n"'
+    scontrol.write_text(f'#!/bin/sh\n[ "$*" = "show hostnames nid[001004-001005]" ] && {expand}\n')
+    scontrol.chmod(0o755)
+    distributed.meeting_point_from_slurm()
+    assert os.environ["MASTER_ADDR"] == "nid001004" and os.environ["MASTER_PORT"] == str(15000 + 123456 % 15000)
