@@ -46,18 +46,24 @@ def checkpoint_after_one_step(out_dir, data_root, nproc):
 
 
 def test_two_ranks_take_the_step_of_one_process_with_their_batch(tmp_path, tiny_data):
-    """2 processes x 16 samples make the same update as 1 process x 32 (the test config's global batch is 32).
-    Not bit for bit: the mean gradient is summed in another order. The gradients (AdamW's first moment after
-    one step is 0.1 x the gradient), all together, agree to 1e-5 relative. The weights agree to 1e-4 absolute,
-    with lr 2e-3: AdamW's first step moves each weight by about lr x gradient / |gradient|, which for the
-    tiniest gradients turns rounding differences into visible ones."""
+    """2 processes x 16 samples make the same update as 1 process x 32 (the test config's global batch is 32)."""
     one = checkpoint_after_one_step(tmp_path / "one", tiny_data, nproc=1)
     two = checkpoint_after_one_step(tmp_path / "two", tiny_data, nproc=2)
-    moment, moment_two = (torch.cat([state["exp_avg"].flatten() for state in c["optimizer"]["state"].values()])
-                          for c in (one, two))  # fmt: skip
-    assert (moment - moment_two).norm() <= 1e-5 * moment.norm()
-    for key in one["model"]:
-        torch.testing.assert_close(two["model"][key], one["model"][key], rtol=0, atol=1e-4, msg=key)
+    assert_same_step(one, two)
+
+
+def assert_same_step(one, two):
+    """Two checkpoints after one AdamW step from the same start took the same step. Not bit for bit: the mean
+    gradient is summed in another order. The gradients (AdamW's first moment after one step is 0.1 x the
+    gradient), all together, agree to 1e-5 relative. The weights agree to 1e-4 absolute (lr is 2e-3), except
+    where the gradient is only rounding noise: a convolution's bias followed by GroupNorm has an exact gradient
+    of 0, and AdamW's first step moves a weight by about lr x gradient / |gradient|, noise or not."""
+    moments = [[state["exp_avg"] for state in c["optimizer"]["state"].values()] for c in (one, two)]
+    everything = [torch.cat([m.flatten() for m in ms]) for ms in moments]
+    assert (everything[0] - everything[1]).norm() <= 1e-5 * everything[0].norm()
+    for key, moment in zip(one["model"], moments[0]):  # the model has no buffers: one state per weight, in order
+        if moment.norm() > 1e-6 * everything[0].norm():
+            torch.testing.assert_close(two["model"][key], one["model"][key], rtol=0, atol=1e-4, msg=key)
 
 
 def rank_process(parent_pid, rank):
