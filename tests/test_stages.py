@@ -214,3 +214,29 @@ def test_ctrl_c_without_checkpoints_is_a_one_line_message(tmp_path, tiny_data):
     assert run.wait() != 0
     stderr = run.stderr.read()
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == "error: interrupted (Ctrl-C)", stderr
+
+
+# From stage 04 on, DataLoader workers ignore SIGTERM (Slurm's stop signal is for the main process to handle).
+WORKER_STAGES = list(dict.fromkeys(s for s in (SCRIPT_STAGES[SCRIPT_STAGES.index(REPO / "stages" / "04_data_loading")],
+                                                SCRIPT_STAGES[-1])))  # fmt: skip
+UNEXPECTED_ERROR = """
+import runpy, sys
+import common
+def fail(*args, **kwargs):
+    raise RuntimeError("an unexpected error, as a GPU out of memory would be")
+common.relative_l2 = fail  # raised during the first validation, while the DataLoader workers are alive
+sys.argv = sys.argv[1:]  # train.py and its options
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("stage", WORKER_STAGES, ids=[s.name for s in WORKER_STAGES])
+def test_an_unexpected_error_ends_the_run(stage, tmp_path, tiny_data):
+    """Left uncaught, such an error kept the DataLoader (and its workers, which ignore SIGTERM) alive at exit:
+    the process never ended, and on Slurm the job would have waited for its time limit."""
+    wrapper = tmp_path / "run_with_an_error.py"
+    wrapper.write_text(f"import sys\nsys.path[:0] = [{str(stage)!r}, {str(stage.parent)!r}]\n{UNEXPECTED_ERROR}")
+    result = run_python(wrapper, stage / "train.py", "--config", "test", "--data_root", tiny_data, "--out_dir",
+                        tmp_path / "run", cwd=tmp_path, timeout=180)  # fmt: skip
+    assert result.returncode == 1, output_of(result)
+    assert "RuntimeError: an unexpected error" in result.stderr, output_of(result)

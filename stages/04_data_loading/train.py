@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -294,3 +295,6 @@ if __name__ == "__main__":
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("error: interrupted (Ctrl-C)")
+    except Exception:  # an unexpected error (a GPU out of memory, say): say so, and end now
+        traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
+        sys.exit(1)

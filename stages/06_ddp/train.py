@@ -380,6 +380,6 @@ if __name__ == "__main__":
         sys.exit(f"error: {error}" if rank == 0 else f"error on rank {rank}: {error}")
     except KeyboardInterrupt:
         sys.exit("error: interrupted (Ctrl-C)")
-    except Exception:  # e.g. a collective that failed because another rank died or hung: say so, and end now
+    except Exception:  # an unexpected error, or a collective that failed because another rank died: end now
         traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
         sys.exit(1)
