@@ -11,6 +11,10 @@ and notebook kernels that the tests start inherit it):
   for the other: on a busy 2-core machine the suite took over 25 minutes that way, and a notebook cell timed
   out. (Bit-exact resume holds for any fixed thread count; the tests use one throughout.)
 
+The suite runs on every CPU core, up to 4 (pytest-xdist, `-n auto --maxprocesses 4`, see pyproject.toml): its
+tests mostly wait for single-threaded processes they start. Tests that share something expensive run on one
+worker, in an `xdist_group` (below); the slowest start first, so that no worker is left with one at the end.
+
 The fixtures are in tests/conftest.py.
 """
 
@@ -18,6 +22,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import pytest
 
 SCRATCH = tempfile.mkdtemp(prefix="tutorial-scratch-")
 os.environ["SCRATCH"] = SCRATCH
@@ -29,3 +35,13 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 def pytest_sessionfinish(session):
     shutil.rmtree(SCRATCH, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Every test that uses the local Slurm cluster runs on one worker (one cluster, whose jobs queue for its one
+    node). Groups and tests marked slow start first."""
+    for item in items:
+        if "local_slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+    items.sort(key=lambda item: not (item.get_closest_marker("xdist_group") or item.get_closest_marker("slow")))

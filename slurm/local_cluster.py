@@ -69,6 +69,8 @@ MpiDefault=none
 # Start jobs as soon as they can run, not up to 3 s after their submission or
 # up to 60 s after a requeued job may run again.
 SchedulerParameters=batch_sched_delay=0,sched_interval=1
+# Job ids of their own: two clusters on one machine (two test runs, say) never both write slurm-<name>-1.out.
+FirstJobId={first_job_id}
 GresTypes=gpu
 NodeName=DEFAULT CPUs=128 Boards=1 SocketsPerBoard=1 CoresPerSocket=64 ThreadsPerCore=2 RealMemory=256000
 NodeName={host} NodeAddr=127.0.0.1 Gres=gpu:{gpus} Features=gpu State=UNKNOWN
@@ -156,6 +158,7 @@ def _write_config(workdir: Path) -> Path:
         slurmd_port=_free_port(),
         munge_socket=_munge_dir(workdir) / "munge.socket",
         gpus=GPUS,
+        first_job_id=1000 * (1 + os.getpid() % 60_000),  # below MaxJobId, 67,043,328
     )
     conf = workdir / "etc" / "slurm.conf"
     conf.write_text(text)

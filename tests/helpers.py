@@ -1,7 +1,9 @@
 """Small helpers the tests share: where things are, and running a script the way a user does."""
 
+import fcntl
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +43,21 @@ def stage_module(stage, name="train"):
         for own in ("checkpoints", "train"):  # each stage has its own copy
             sys.modules.pop(own, None)
     return module
+
+
+def computed_once(tmp_path_factory, name, compute):
+    """The folder where compute(folder) wrote its results, computed once per test session, also when several
+    pytest-xdist workers ask at the same time: the first computes while the others wait on a lock, then reuse."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of this session (each has a folder of its own below it)
+    folder = base / "computed-once" / name
+    folder.parent.mkdir(exist_ok=True)
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # freed when the file closes, or when this process dies
+        if not (folder / ".done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            compute(folder)
+            (folder / ".done").touch()
+    return folder

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import common
-from helpers import STAGES, output_of, run_python
+from helpers import STAGES, computed_once, output_of, run_python
 
 # Every stage that checkpoints (it has a checkpoints.py) is tested for bit-exact resume after a stop signal.
 # The rest is code that each stage copies unchanged (checkpoints.py and predict.py: tests/test_docs.py checks the
@@ -43,15 +43,18 @@ def assert_same_weights(a, b):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, tiny_data):
-    """The final weights of an uninterrupted run of the test config, per stage."""
-    weights = {}
-    for stage in RESUME_STAGES:
-        out_dir = tmp_path_factory.mktemp(stage.name) / "run"
-        result = train(stage, out_dir, tiny_data)
+    """uninterrupted(stage): the final weights of an uninterrupted run of the test config, run once per session."""
+
+    def run(folder, stage):
+        result = train(stage, folder / "run", tiny_data)
         assert result.returncode == 0, output_of(result)
-        weights[stage.name] = final_weights(out_dir)
+
+    def weights(stage):
+        folder = computed_once(tmp_path_factory, f"uninterrupted-{stage.name}", lambda f: run(f, stage))
+        return final_weights(folder / "run")
+
     return weights
 
 
@@ -69,7 +72,7 @@ def test_resumed_run_ends_bit_identical(stage, where, tmp_path, tiny_data, unint
     resumed = train(stage, out_dir, tiny_data)
     assert resumed.returncode == 0, output_of(resumed)
     assert f"step {INTERRUPTIONS[where]}" in resumed.stdout.split("resuming from")[1].splitlines()[0]
-    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+    assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
@@ -79,7 +82,7 @@ def test_sigkill_at_any_moment_then_resume(stage, after_step, delay, tmp_path, t
     out_dir = tmp_path / "run"
     newest = kill_and_resume(stage, out_dir, tiny_data, after_step, delay)
     assert newest != "step-00000032.pt", "the kill came after the run had finished: it tested nothing"
-    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+    assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 
 def interrupt(stage, out_dir, data_root, after_step, delay, signal_number):
@@ -108,7 +111,7 @@ def test_sigterm_or_ctrl_c_saves_and_the_next_run_resumes(stage, signal_number, 
     assert code == 3 and f"{signal_number.name} received: saved" in output, output
     resumed = train(stage, out_dir, tiny_data)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
-    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+    assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 
 def kill_and_resume(stage, out_dir, data_root, after_step, delay):
@@ -131,7 +134,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(stage, tmp_path, t
     resumed = train(stage, out_dir, tiny_data)
     assert resumed.returncode == 0, output_of(resumed)
     assert f"checkpoint {newest} cannot be read" in resumed.stdout and "step 8" in resumed.stdout
-    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+    assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
@@ -187,7 +190,7 @@ def test_resume_none_starts_over_and_keeps_the_earlier_run(stage, tmp_path, tiny
     assert f"moved the earlier run's files to {earlier}" in restarted.stdout
     resumed = train(stage, out_dir, tiny_data)
     assert resumed.returncode == 0 and "step-00000008.pt: epoch 1, step 8" in resumed.stdout, output_of(resumed)
-    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+    assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
@@ -225,7 +228,7 @@ def test_full_disk_during_a_checkpoint_loses_nothing(stage, tmp_path, tiny_data,
     assert checkpoint_files(out_dir) == saved, "no temporary file left behind, the saved checkpoints untouched"
     resumed = train(stage, out_dir, tiny_data)
     assert resumed.returncode == 0 and "step-00000008.pt" in resumed.stdout, output_of(resumed)
-    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+    assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
@@ -261,7 +264,7 @@ def test_deterministic_mode_runs_on_a_cpu_and_changes_nothing_there(stage, tmp_p
     out_dir = tmp_path / "run"
     result = train(stage, out_dir, tiny_data, "--deterministic", "true")
     assert result.returncode == 0, output_of(result)
-    assert_same_weights(final_weights(out_dir), uninterrupted[stage.name])
+    assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run `pytest -k cuda` on a GPU node")

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from helpers import REPO, output_of, run_python, stage_module
+from helpers import REPO, computed_once, output_of, run_python, stage_module
 from test_checkpoint import assert_same_weights, final_weights
 
 STAGE = REPO / "stages" / "06_ddp"
@@ -24,13 +24,15 @@ def torchrun(out_dir, data_root, *extra, nproc=2, **popen):
                       **popen)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_ranks(tmp_path_factory, tiny_data):
-    """The final weights of an uninterrupted run with 2 processes."""
-    out_dir = tmp_path_factory.mktemp("two_ranks") / "run"
-    result = torchrun(out_dir, tiny_data)
-    assert result.returncode == 0, output_of(result)
-    return final_weights(out_dir)
+    """The final weights of an uninterrupted run with 2 processes (run once per session)."""
+
+    def run(folder):
+        result = torchrun(folder / "run", tiny_data)
+        assert result.returncode == 0, output_of(result)
+
+    return final_weights(computed_once(tmp_path_factory, "two_ranks", run) / "run")
 
 
 def checkpoint_after_one_step(out_dir, data_root, nproc):

@@ -16,6 +16,7 @@ def tour(tmp_path_factory):
     return result.stdout, folder / "tour"
 
 
+@pytest.mark.xdist_group("tour")  # with pytest-xdist: one worker runs the tour, once, for these tests
 def test_tour_runs_every_stage_and_each_beats_the_baseline(tour):
     output, folder = tour
     table = output.split("The tour, config 'quick'")[1]
@@ -28,6 +29,7 @@ def test_tour_runs_every_stage_and_each_beats_the_baseline(tour):
         assert (folder / stage.name / "summary.json").exists()
 
 
+@pytest.mark.xdist_group("tour")
 @pytest.mark.parametrize("stage", [s for s in STAGES if (s / "distributed.py").exists()], ids=lambda s: s.name)
 def test_tour_runs_data_parallel_stages_with_two_processes_and_only_rank_0_writes(stage, tour):
     """The tour runs `torchrun --standalone --nproc_per_node 2 stages/06_ddp/train.py --config quick` (gloo)."""

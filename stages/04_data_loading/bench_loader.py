@@ -10,6 +10,7 @@ memory-mapped data, which all workers share through the page cache, counts once.
 """
 
 import argparse
+import functools
 import multiprocessing
 import os
 import sys
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `common` from any working directory
 import common
-from train import EpochSampler, ignore_stop_signals  # the stage's own loader pieces
+from train import EpochSampler, start_worker  # the stage's own loader pieces
 
 
 def pss_mib(pids):
@@ -49,7 +50,7 @@ def measure(train_set, workers, args):
     loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                         prefetch_factor=args.prefetch_factor if workers else None,
-                        worker_init_fn=ignore_stop_signals)  # fmt: skip
+                        worker_init_fn=functools.partial(start_worker, os.getpid()))  # fmt: skip
     batches = endless_batches(loader, sampler)
     for _ in range(args.warmup):  # workers start and fill their queues
         next(batches)

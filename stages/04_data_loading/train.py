@@ -4,6 +4,7 @@
     python stages/04_data_loading/train.py --config quick --num_workers 0  # everything in this process
 """
 
+import functools
 import logging
 import math
 import os
@@ -65,11 +66,16 @@ def worker_count(num_workers):
     return min(8, cpus - 1)
 
 
-def ignore_stop_signals(worker_id):
+def start_worker(parent_pid, worker_id):
     """In each worker: leave Ctrl-C and Slurm's signals to the main process, which saves and stops the run.
-    (A terminal sends Ctrl-C to every process of the program, and Slurm may signal every process of a step.)"""
+    (A terminal sends Ctrl-C to every process of the program, and Slurm may signal every process of a step.)
+    A worker whose main process died while starting it ends at once: PyTorch's check that the main process is
+    alive would miss that death, and the worker would wait for ever (holding copies of the dead process's
+    connections to the other DDP processes, which would then not notice that it died)."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def make_loaders(cfg, device):
@@ -84,12 +90,13 @@ def make_loaders(cfg, device):
     pin = cfg.pin_memory and device.type == "cuda"  # page-locked host memory: faster, asynchronous copies to a GPU
     sampler = EpochSampler(len(train_set), cfg.batch_size, cfg.seed)
     persistent = cfg.persistent_workers and workers > 0
+    worker_start = functools.partial(start_worker, os.getpid())  # each worker is told its parent
     prefetch = cfg.prefetch_factor if workers > 0 else None  # batches each worker prepares ahead
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                               num_workers=workers, pin_memory=pin, persistent_workers=persistent,
-                              prefetch_factor=prefetch, worker_init_fn=ignore_stop_signals)  # fmt: skip
+                              prefetch_factor=prefetch, worker_init_fn=worker_start)  # fmt: skip
     val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=workers, pin_memory=pin,
-                            worker_init_fn=ignore_stop_signals)  # fmt: skip
+                            worker_init_fn=worker_start)  # fmt: skip
     log.info(f"data loading: {workers} worker processes, pin_memory {pin}, prefetch_factor {cfg.prefetch_factor}")
     return train_set, sampler, train_loader, val_loader
 
