@@ -8,9 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = sorted(p for p in (REPO / "stages").iterdir() if p.is_dir() and p.name[:2].isdigit())
 SCRIPT_STAGES = [p for p in STAGES if (p / "train.py").exists()]
+
+
+def setting(stage, name):
+    """A setting's name in a stage: from stage 07 on, the batch is `global_batch_size` and the learning rate
+    `base_lr` (the rate at `base_batch_size`, which the stage scales for the global batch)."""
+    keys = yaml.safe_load((stage / "config.yaml").read_text())["default"]
+    return name if name in keys else {"batch_size": "global_batch_size", "lr": "base_lr"}[name]
 
 
 def run_python(*args, cwd, env=None, timeout=900, **popen):
@@ -40,7 +49,7 @@ def stage_module(stage, name="train"):
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(stage))
-        for own in ("checkpoints", "train"):  # each stage has its own copy
+        for own in ("checkpoints", "train", "data_loading", "distributed", "batch_scaling"):  # each stage its own copy
             sys.modules.pop(own, None)
     return module
 

@@ -1,6 +1,7 @@
 """The parts of the READMEs that are computed, never typed: stage diffs and the table of measured runs.
 
-Each stage README holds its "What changed" diff between diff markers; the top-level README holds a table
+Each stage README holds its "What changed" diff (of train.py, and of any other file copied from the stage before
+that it changed) between diff markers; the top-level README holds a table
 of the reference runs in example_logs/ (read from their summary.json files) between table markers.
 
 Stage 02's diff starts from the notebook's code cells, as `jupyter nbconvert --to script --no-prompt
@@ -51,13 +52,25 @@ def previous_source(stage):
 
 
 def expected_diff(stage):
+    """The diff of train.py from the stage before, then that of every other .py file that both stages have and this
+    one changed (beyond its own name)."""
     before_label, before = previous_source(stage)
-    after = (stage / "train.py").read_text()
+    diffs = [unified_diff(before, before_label, stage / "train.py")]
+    previous = stage_dirs()[stage_dirs().index(stage) - 1]
+    for path in sorted(stage.glob("*.py")):
+        if path.name != "train.py" and (previous / path.name).exists():
+            before = (previous / path.name).read_text().replace(previous.name, stage.name)
+            if before != path.read_text():
+                diffs.append(unified_diff(before, str((previous / path.name).relative_to(REPO)), path))
+    return "".join(diffs)
+
+
+def unified_diff(before, before_label, after_path):
     lines = difflib.unified_diff(
         before.splitlines(keepends=True),
-        after.splitlines(keepends=True),
+        after_path.read_text().splitlines(keepends=True),
         fromfile=before_label,
-        tofile=str((stage / "train.py").relative_to(REPO)),
+        tofile=str(after_path.relative_to(REPO)),
     )
     return "".join(lines)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import common
-from helpers import STAGES, computed_once, output_of, run_python
+from helpers import STAGES, computed_once, output_of, run_python, setting
 
 # Every stage that checkpoints (it has a checkpoints.py) is tested for bit-exact resume after a stop signal.
 # The rest is code that each stage copies unchanged (checkpoints.py and predict.py: tests/test_docs.py checks the
@@ -204,8 +204,9 @@ def test_resume_with_other_settings_is_refused(stage, earlier, tmp_path, tiny_da
     assert first.returncode == (0 if earlier == "finished" else 3), output_of(first)
     files = checkpoint_files(out_dir)
     summary = (out_dir / "summary.json").read_bytes() if earlier == "finished" else None
-    result = train(stage, out_dir, tiny_data, "--lr", "1e-3", "--batch_size", "16", "--base_channels", "16")
-    expect_one_line_error(result, "lr 0.002 there, 0.001 now", "batch_size 32 there, 16 now",
+    lr, batch = setting(stage, "lr"), setting(stage, "batch_size")
+    result = train(stage, out_dir, tiny_data, f"--{lr}", "1e-3", f"--{batch}", "16", "--base_channels", "16")
+    expect_one_line_error(result, f"{lr} 0.002 there, 0.001 now", f"{batch} 32 there, 16 now",
                           "base_channels 8 there, 16 now", "--out_dir", "--resume none")  # fmt: skip
     assert checkpoint_files(out_dir) == files
     if summary:

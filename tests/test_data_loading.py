@@ -15,7 +15,7 @@ def delivered_samples(data_root, workers, epochs=2):
     train = stage_module(STAGE)
     arguments = ["--config", "test", "--data_root", str(data_root), "--num_workers", str(workers)]
     cfg = common.load_config(STAGE / "config.yaml", arguments, train.LIMITS)
-    _, sampler, loader, _ = train.make_loaders(cfg, torch.device("cpu"))
+    _, sampler, loader, _ = stage_module(STAGE, "data_loading").make_loaders(cfg, torch.device("cpu"))
     assert loader.persistent_workers == (workers > 0)
     samples = {}
     for epoch in range(epochs):

@@ -189,17 +189,22 @@ def test_notebooks_run_quick_and_write_outside_the_repository():
     assert runs.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve()), runs
 
 
-# The files a stage changes as part of its concept, and so does not copy from the stage before.
-CHANGED_BY_CONCEPT = {"06_ddp": {"submit_pm.sh"}}  # a whole node: 4 processes, 4 GPUs, the regular QOS
+# The files a stage changes as part of its concept, and so does not copy from the stage before (the stage README
+# shows the diff of each changed .py file).
+CHANGED_BY_CONCEPT = {
+    "06_ddp": {"submit_pm.sh", "data_loading.py"},  # a whole node: 4 processes, 4 GPUs; each its share of a batch
+    "07_large_batch": {"data_loading.py"},  # each share in micro-batches
+}
+COPIED = {"checkpoints.py", "predict.py", "submit_pm.sh", "distributed.py", "submit_pm_torchrun.sh", "data_loading.py",
+          "batch_scaling.py"}  # fmt: skip
 
 
 @pytest.mark.parametrize("stage", STAGES[3:], ids=[s.name for s in STAGES[3:]])
 def test_files_copied_from_the_stage_before_match_it(stage):
-    """checkpoints.py, predict.py, submit_pm.sh and (from stage 06 on) distributed.py and submit_pm_torchrun.sh are
-    copied from stage to stage unchanged (but for the stage's name), so a fix in one must reach every later stage."""
+    """The files of COPIED that a stage has are copied from stage to stage unchanged (but for the stage's name), so a
+    fix in one must reach every later stage."""
     before = STAGES[STAGES.index(stage) - 1]
-    copied = {"checkpoints.py", "predict.py", "submit_pm.sh", "distributed.py", "submit_pm_torchrun.sh"}
-    for name in sorted(copied - CHANGED_BY_CONCEPT.get(stage.name, set())):
+    for name in sorted(COPIED - CHANGED_BY_CONCEPT.get(stage.name, set())):
         if (before / name).exists():
             expected = (before / name).read_text().replace(before.name, stage.name)
             assert (stage / name).read_text() == expected, f"{stage.name}/{name} differs from {before.name}/{name}"

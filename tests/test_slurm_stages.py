@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import common
-from helpers import REPO, SCRIPT_STAGES, output_of, run_python
+from helpers import REPO, SCRIPT_STAGES, output_of, run_python, stage_module
 from slurm_fixture import FINISHED, job_field, submit, wait_for_job
 from test_checkpoint import assert_same_weights, final_weights
 
@@ -74,8 +74,8 @@ def submit_and_wait_for_step(env, out_dir, arguments, step):
     return job_id
 
 
-def job_output(job_id):
-    output_file = REPO / f"slurm-{NEWEST.name}-{job_id}.out"
+def job_output(job_id, name=NEWEST.name):
+    output_file = REPO / f"slurm-{name}-{job_id}.out"
     output = output_file.read_text()
     output_file.unlink()
     return output
@@ -185,3 +185,56 @@ def test_the_torchrun_variant_runs_four_processes_from_one_task(local_slurm, tmp
     assert code == 0, output
     summary = common.read_summary(out_dir)
     assert summary["world_size"] == 4 and "launcher torchrun" in output and "rendezvous" in output, output
+
+
+FAKE_AGENT = """#!{python}
+# Stands in for `wandb agent --count 1 <sweep id>` as the W&B agent hands out a trial: it starts the sweep's
+# command, train.py with the trial's --key=value arguments and WANDB_SWEEP_ID and WANDB_RUN_ID set, waits for
+# it, and exits 0 whatever the trial's exit code. Each call is recorded.
+import os, subprocess, sys
+assert sys.argv[1:4] == ["agent", "--count", "1"], sys.argv
+with open(os.environ["FAKE_AGENT_CALLS"], "a") as calls:
+    calls.write(" ".join(sys.argv[1:]) + "\\n")
+env = {{**os.environ, "WANDB_SWEEP_ID": sys.argv[4], "WANDB_RUN_ID": os.environ["FAKE_RUN_ID"]}}
+command = [sys.executable, "stages/08_wandb_sweeps/train.py", *os.environ["FAKE_TRIAL_ARGUMENTS"].split()]
+subprocess.run(command, env=env)
+"""
+
+
+@pytest.mark.skipif(not (NEWEST / "submit_sweep_pm.sh").exists(), reason="from stage 08 on")
+def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_requeue(local_slurm, tmp_path,
+                                                                                      tiny_data):  # fmt: skip
+    """submit_sweep_pm.sh with 4 processes; a stand-in for the W&B agent hands rank 0 a trial (there is no W&B
+    server here). The time-limit signal stops the trial, the job requeues itself, and the requeued job continues
+    the same trial from its checkpoint, without asking the agent again: one call to the agent, one trial run to
+    its end, and W&B (offline) with two pieces of the trial's run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "wandb").write_text(FAKE_AGENT.format(python=sys.executable))
+    (bin_dir / "wandb").chmod(0o755)
+    calls = tmp_path / "agent-calls"
+    trial_arguments = f"--config=test --num_epochs=6 --base_lr=0.001 --global_batch_size=64 --data_root={tiny_data}"
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), local_slurm["PATH"]])
+    env = {**local_slurm, "PATH": path, "WANDB_MODE": "offline", "FAKE_AGENT_CALLS": str(calls),
+           "FAKE_RUN_ID": "trial42", "FAKE_TRIAL_ARGUMENTS": trial_arguments}  # fmt: skip
+    sweeps = stage_module(NEWEST, "sweeps")
+    trial_dir = sweeps.sweep_folder("me/project/fakesweep") / "lr1e-3_gbs64-trial42"
+    job_id = submit(env, "-A", "tutorial", f"--chdir={REPO}", NEWEST.relative_to(REPO) / "submit_sweep_pm.sh",
+                    "me/project/fakesweep")  # fmt: skip
+    log = trial_dir / "train.log"
+    deadline = time.monotonic() + 180
+    while not (log.exists() and "step 16/" in log.read_text()):
+        assert time.monotonic() < deadline and job_field(env, job_id, "JobState") not in FINISHED, "no progress"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+    state = wait_for_job(env, job_id, timeout=240)
+    output = job_output(job_id, name="08_sweep")
+    assert state == "COMPLETED" and job_field(env, job_id, "Restarts") == "1", output
+    assert calls.read_text().splitlines() == ["agent --count 1 me/project/fakesweep"], "the agent, once"
+    assert "SIGUSR1 received: saved" in output and "requeued: continuing the trial" in output, output
+    summary = common.read_summary(trial_dir)
+    assert summary["world_size"] == 4 and summary["steps"] == 48 and summary["settings"]["base_lr"] == 0.001
+    trial = json.loads((sweeps.sweep_folder("me/project/fakesweep") / "trials" / f"{job_id}.json").read_text())
+    assert trial["exit_code"] == 0 and trial["name"] == "lr1e-3_gbs64"
+    pieces = sorted((trial_dir / "wandb").glob("offline-run-*-trial42"))
+    assert len(pieces) == 2, "the first attempt and the continued one, both of the trial's W&B run"

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import REPO, SCRIPT_STAGES, output_of, run_python, stage_module
+from helpers import REPO, SCRIPT_STAGES, output_of, run_python, setting, stage_module
 
 IDS = [stage.name for stage in SCRIPT_STAGES]
 # The answers to bad input come from code that every stage copies from the one before (the README diffs show it
@@ -65,14 +65,14 @@ def expect_one_line_error(result, *fragments):
 # Started as a user starts them: each stops with a one-line error. (Errors in the config alone, which every
 # stage reads the same way, are also checked in-process, faster: test_config_errors_of_each_stage.)
 BAD_ARGUMENTS = {
-    "unknown key": (["--learning_rate", "0.1"], ["unknown option '--learning_rate'", "--lr"]),
+    "unknown key": (["--learning_rate", "0.1"], ["unknown option '--learning_rate'", "--{lr}"]),
     "out of range": (["--config", "test", "--num_epochs", "0"], ["--num_epochs must be >= 1; got 0"]),
     "too deep for the grid": (["--config", "test", "--depth", "9"], ["--depth 9 is too deep for a 32x32 grid"]),
     "unknown device": (["--config", "test", "--device", "gpu"], ["--device 'gpu' is not one of auto, cpu, cuda"]),
 }
 CONFIG_ERRORS = {
     "unknown config": (["--config", "fastest"], "unknown config 'fastest'.*quick"),
-    "wrong type": (["--batch_size", "many"], "--batch_size expects a int"),
+    "wrong type": (["--{batch_size}", "many"], "--{batch_size} expects a int"),
     "unknown preset": (["--data_preset", "huge"], "--data_preset must be one of tiny"),
 }
 
@@ -82,13 +82,15 @@ CONFIG_ERRORS = {
 def test_bad_arguments(stage, case, tmp_path, tiny_data):
     arguments, fragments = BAD_ARGUMENTS[case]
     result = run_python(stage / "train.py", *arguments, "--data_root", tiny_data, "--out_dir", tmp_path, cwd=tmp_path)
-    expect_one_line_error(result, *fragments)
+    expect_one_line_error(result, *[fragment.format(lr=setting(stage, "lr")) for fragment in fragments])
 
 
 @pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=IDS)
 @pytest.mark.parametrize("case", CONFIG_ERRORS)
 def test_config_errors_of_each_stage(stage, case):
     arguments, message = CONFIG_ERRORS[case]
+    batch_size = setting(stage, "batch_size")
+    arguments, message = [a.format(batch_size=batch_size) for a in arguments], message.format(batch_size=batch_size)
     train = stage_module(stage)
     with pytest.raises(train.common.UserError, match=message):
         train.common.load_config(stage / "config.yaml", arguments, train.LIMITS)
@@ -160,7 +162,8 @@ def test_a_broken_config_file_is_a_one_line_error(stage, tmp_path, tiny_data):
     shutil.copytree(stage, copy / stage.name)
     shutil.copytree(REPO / "stages" / "common", copy / "common")
     config = copy / stage.name / "config.yaml"
-    config.write_text(config.read_text().replace("  batch_size: 64", "  batch_size: [64", 1))
+    batch_size = setting(stage, "batch_size")
+    config.write_text(config.read_text().replace(f"  {batch_size}: 64", f"  {batch_size}: [64", 1))
     result = run_python(copy / stage.name / "train.py", "--data_root", tiny_data, "--out_dir", tmp_path / "r",
                         cwd=tmp_path)  # fmt: skip
     expect_one_line_error(result, "is not valid YAML at line", "git checkout")
@@ -169,9 +172,10 @@ def test_a_broken_config_file_is_a_one_line_error(stage, tmp_path, tiny_data):
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
 def test_a_diverging_run_stops_and_says_what_to_try(stage, tmp_path, tiny_data):
     out_dir = tmp_path / "run"
-    result = run_python(stage / "train.py", "--config", "test", "--lr", "1e30", "--data_root", tiny_data,
+    lr = setting(stage, "lr")
+    result = run_python(stage / "train.py", "--config", "test", f"--{lr}", "1e30", "--data_root", tiny_data,
                         "--out_dir", out_dir, cwd=tmp_path)  # fmt: skip
-    expect_one_line_error(result, "training diverged", "smaller --lr")
+    expect_one_line_error(result, "training diverged", f"smaller --{lr}")
     assert not (out_dir / "summary.json").exists(), "no summary of a run that failed"
 
 
@@ -197,8 +201,8 @@ def start_run(stage, out_dir, data_root, *extra):
 def test_a_second_run_on_the_same_folder_is_refused(stage, tmp_path, tiny_data):
     out_dir = tmp_path / "run"
     first = start_run(stage, out_dir, tiny_data, "--num_epochs", "50")
-    second = run_python(stage / "train.py", "--config", "test", "--lr", "1e-3", "--out_dir", out_dir,
-                        "--data_root", tiny_data, cwd=tmp_path)  # fmt: skip
+    second = run_python(stage / "train.py", "--config", "test", f"--{setting(stage, 'lr')}", "1e-3",
+                        "--out_dir", out_dir, "--data_root", tiny_data, cwd=tmp_path)  # fmt: skip
     still_running = first.poll() is None
     first.terminate()
     first.communicate()

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `common` from any working directory
 import common
-from train import EpochSampler, start_worker  # the stage's own loader pieces
+from data_loading import EpochSampler, start_worker  # the stage's own loader pieces
 
 
 def pss_mib(pids):

@@ -4,7 +4,6 @@
     python stages/04_data_loading/train.py --config quick --num_workers 0  # everything in this process
 """
 
-import functools
 import logging
 import math
 import os
@@ -15,12 +14,12 @@ import traceback
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `common` from any working directory
 import checkpoints
 import common
+import data_loading
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
@@ -35,70 +34,6 @@ MAY_CHANGE_ON_RESUME = {"config", "data_root", "out_dir", "device", "log_every",
                         "resume", "signal_at_step", "num_workers", "pin_memory", "persistent_workers",
                         "prefetch_factor"}  # fmt: skip
 stop_signal = None  # set by the signal handler; the loop checkpoints and stops at the next step boundary
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """The samples of an epoch, in an order that depends on (seed, epoch) only, from first_batch on: a resumed
-    run sees exactly the batches the interrupted one would have seen. It yields (epoch, index) pairs, so
-    that the epoch reaches the DataLoader workers, whose copies of the Dataset never see set_epoch."""
-
-    def __init__(self, size, batch_size, seed):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.epoch, self.first_batch = 0, 0
-
-    def set_epoch(self, epoch, first_batch=0):
-        self.epoch, self.first_batch = epoch, first_batch
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        return iter([(self.epoch, index) for index in order[self.first_batch * self.batch_size :].tolist()])
-
-    def __len__(self):
-        return self.size - self.first_batch * self.batch_size
-
-
-def worker_count(num_workers):
-    """-1 (auto): one worker per CPU this process may use (on Slurm, --cpus-per-task), less one for the
-    training loop, and at most 8 (bench_loader.py shows where more stops helping); else the number given."""
-    if num_workers != -1:
-        return num_workers
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(8, cpus - 1)
-
-
-def start_worker(parent_pid, worker_id):
-    """In each worker: leave Ctrl-C and Slurm's signals to the main process, which saves and stops the run.
-    (A terminal sends Ctrl-C to every process of the program, and Slurm may signal every process of a step.)
-    A worker whose main process died while starting it ends at once: PyTorch's check that the main process is
-    alive would miss that death, and the worker would wait for ever (holding copies of the dead process's
-    connections to the other DDP processes, which would then not notice that it died)."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def make_loaders(cfg, device):
-    """The training loader is made once: its worker processes live as long as the run (persistent_workers)."""
-    data_dir = common.ensure_data(cfg.data_preset, cfg.data_root)
-    train_set = common.FieldDataset(data_dir, "train", augment=True, seed=cfg.seed)
-    val_set = common.FieldDataset(data_dir, "val")
-    if len(train_set) < cfg.batch_size:
-        raise common.UserError(f"--batch_size {cfg.batch_size} exceeds the {len(train_set)} training samples")
-    common.check_depth(cfg.depth, train_set.meta["grid"])
-    workers = worker_count(cfg.num_workers)
-    pin = cfg.pin_memory and device.type == "cuda"  # page-locked host memory: faster, asynchronous copies to a GPU
-    sampler = EpochSampler(len(train_set), cfg.batch_size, cfg.seed)
-    persistent = cfg.persistent_workers and workers > 0
-    worker_start = functools.partial(start_worker, os.getpid())  # each worker is told its parent
-    prefetch = cfg.prefetch_factor if workers > 0 else None  # batches each worker prepares ahead
-    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                              num_workers=workers, pin_memory=pin, persistent_workers=persistent,
-                              prefetch_factor=prefetch, worker_init_fn=worker_start)  # fmt: skip
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=workers, pin_memory=pin,
-                            worker_init_fn=worker_start)  # fmt: skip
-    log.info(f"data loading: {workers} worker processes, pin_memory {pin}, prefetch_factor {cfg.prefetch_factor}")
-    return train_set, sampler, train_loader, val_loader
 
 
 def request_stop(signum, frame):
@@ -140,7 +75,7 @@ def train(cfg, out_dir):
         make_deterministic()
     device = common.choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    train_set, sampler, train_loader, val_loader = make_loaders(cfg, device)
+    train_set, sampler, train_loader, val_loader = data_loading.make_loaders(cfg, device)
     batches_per_epoch = len(train_set) // cfg.batch_size
     baseline = train_set.meta["baseline_rel_l2"]
 

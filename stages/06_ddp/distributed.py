@@ -9,7 +9,7 @@ A process learns its place from the launcher that started it:
   script, makes any srun work: from sbatch, from salloc, or typed by hand;
 - neither (python train.py): one process and no process group, exactly as stage 05.
 
-Later stages copy this file unchanged.
+Later stages copy this file unchanged. (How each process takes its share of every batch is in data_loading.py.)
 """
 
 import datetime
@@ -54,8 +54,9 @@ def meeting_point_from_slurm():
 
 
 def ensure_data_once(preset, data_root, rank):
-    """Rank 0 generates missing data while the others wait for its folder (written whole, then renamed). This
-    runs before the process group exists, so a long generation cannot run into a collective's timeout."""
+    """Rank 0 generates missing data while the others wait for its folder (written whole, then renamed). No rank
+    is in a collective meanwhile (they wait on the file system), so a long generation cannot run into a
+    collective's timeout."""
     folder = common.data_dir_for(preset, data_root)
     if rank != 0 and not folder.exists():
         log.warning(f"waiting for rank 0 to generate {folder}")
@@ -119,30 +120,3 @@ def check_same_on_every_rank(facts):
         if different:
             raise common.UserError(f"rank {rank} would train another run than rank 0 ({'; '.join(different)}): "
                                    "start every process with the same command and the same data")  # fmt: skip
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """The samples of an epoch, in an order that depends on (seed, epoch) only, from first_batch on: a resumed
-    run sees exactly the batches the interrupted one would have seen. It yields (epoch, index) pairs, so
-    that the epoch reaches the DataLoader workers, whose copies of the Dataset never see set_epoch.
-    Every rank draws the same order and takes its own slice of each batch of batch_size samples (the global
-    batch): together the ranks see the batches one process would see, whatever their number."""
-
-    def __init__(self, size, batch_size, seed, rank=0, world_size=1):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.local_batch = rank, batch_size // world_size
-        self.epoch, self.first_batch = 0, 0
-
-    def set_epoch(self, epoch, first_batch=0):
-        self.epoch, self.first_batch = epoch, first_batch
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        mine = []
-        for batch in range(self.first_batch, self.size // self.batch_size):
-            start = batch * self.batch_size + self.rank * self.local_batch
-            mine += order[start : start + self.local_batch].tolist()
-        return iter([(self.epoch, index) for index in mine])
-
-    def __len__(self):
-        return (self.size // self.batch_size - self.first_batch) * self.local_batch

@@ -1,7 +1,7 @@
 """The one shared module of the tutorial: what never changes from stage to stage.
 
-It holds the running example (data generator, Dataset, U-Net, physics baseline) and plumbing
-(config loading, paths, device, logging, run summary, images). It never holds a stage's concept:
+It holds the running example (data generator, Dataset, U-Net, physics baseline) and plumbing (config loading,
+paths, device, logging, run summary, reading TensorBoard curves back, images). It never holds a stage's concept:
 no checkpointing, DataLoader settings, mixed precision, DDP, LR rules or W&B live here.
 """
 
@@ -14,9 +14,11 @@ from .run import (
     colorize,
     hardware,
     load_config,
+    output_root,
     prediction_panel,
     read_summary,
     run_dir,
+    scalar_curve,
     setup_logging,
     to_pil,
     write_summary,
@@ -40,11 +42,13 @@ __all__ = [
     "hardware",
     "linear_baseline",
     "load_config",
+    "output_root",
     "prediction_panel",
     "random_symmetry",
     "read_summary",
     "relative_l2",
     "run_dir",
+    "scalar_curve",
     "setup_logging",
     "to_pil",
     "write_summary",

@@ -236,6 +236,16 @@ def read_summary(out_dir):
     return json.loads((Path(out_dir) / "summary.json").read_text())
 
 
+def scalar_curve(run_dir, tag):
+    """[(step, seconds since the run's TensorBoard file was opened, value)] of one scalar, read with TensorBoard's
+    own event reader from run_dir/tensorboard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    start = events.FirstEventTimestamp()
+    return [(event.step, event.wall_time - start, event.value) for event in events.Scalars(tag)]
+
+
 def colorize(fields, limit=3.0):
     """(N, 1, H, W) values -> (N, 3, H, W) RGB in [0, 1]: blue below zero, white at zero, red above."""
     t = (fields / limit).clamp(-1, 1)

@@ -1,0 +1,102 @@
+"""Checkpoint files for train.py: write them atomically, find the newest good one, refuse one of another run.
+
+train.py decides what a checkpoint holds and when to save it; this file writes, finds and checks the files.
+Later stages copy it unchanged.
+"""
+
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+log = logging.getLogger(__name__)
+
+
+def rng_states():
+    """Every random generator's state, as types that torch.load(weights_only=True) accepts."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_atomically(state, path):
+    """torch.save to a temporary file, then rename: a crash or a full disk never leaves half a file at `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a reader sees the old file set or the new one, never half a file
+    except (OSError, RuntimeError) as error:  # a full disk or quota (torch reports some as RuntimeError)
+        tmp.unlink(missing_ok=True)
+        reason = str(error).strip().splitlines()[-1]
+        raise common.UserError(f"cannot write {path} ({reason}): free some space or choose another --out_dir; "
+                               "the checkpoints saved before are intact") from None  # fmt: skip
+
+
+def save_checkpoint(folder, state, keep_last):
+    """Save as step-<step>.pt, then keep only the newest keep_last of them."""
+    path = folder / f"step-{state['step']:08d}.pt"
+    save_atomically(state, path)
+    for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(resume, folder, settings):
+    """resume 'auto': the newest checkpoint in folder that loads; a path: that one; 'none': None.
+    A checkpoint whose run had other settings is refused, naming the differences."""
+    if resume == "none":
+        return None
+    candidates = [Path(resume)] if resume != "auto" else sorted(folder.glob("step-*.pt"), reverse=True)
+    for path in candidates:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated or corrupt: say so, and try the one before
+            log.warning(f"checkpoint {path} cannot be read ({type(error).__name__}): trying the previous one")
+            continue
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise common.UserError(f"{path} holds no training state (best.pt holds only weights, for predict.py): "
+                                   "resume from a step-*.pt checkpoint")  # fmt: skip
+        differences = [f"{key} {state['settings'].get(key)!r} there, {value!r} now"
+                       for key, value in settings.items() if state["settings"].get(key) != value]  # fmt: skip
+        if differences:
+            raise common.UserError(f"{path} is from a run with other settings ({'; '.join(differences)}): for a new "
+                                   "experiment pass its own --out_dir DIR, or pass --resume none to start over in "
+                                   "this folder (the earlier run's files are then moved to earlier/)")  # fmt: skip
+        log.info(f"resuming from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
+        return state
+    if resume != "auto":
+        raise common.UserError(f"cannot resume from {resume}: it is missing or corrupt")
+    return None
+
+
+def set_aside_earlier_run(out_dir):
+    """For --resume none: move an earlier run's files to out_dir/earlier/<time>-<id>/, where nothing resumes
+    from them and nothing is lost. Returns that folder, or None if there was nothing to move."""
+    names = [name for name in ("checkpoints", "tensorboard", "summary.json", "train.log") if (out_dir / name).exists()]
+    if not names:
+        return None
+    (out_dir / "earlier").mkdir(exist_ok=True)
+    archive = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=out_dir / "earlier"))
+    for name in names:
+        (out_dir / name).rename(archive / name)
+    return archive

@@ -1,0 +1,122 @@
+"""Which process am I, where are the others, and how do we agree: the distributed plumbing of train.py.
+
+A process learns its place from the launcher that started it:
+
+- torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT itself;
+- srun sets SLURM_PROCID (the rank), SLURM_LOCALID (the rank on this node) and SLURM_NTASKS (the world
+  size); the meeting point is then derived here: the first node of the job step, and a port derived from
+  the job id, so that two jobs that share a node do not collide. Doing it here, rather than in a batch
+  script, makes any srun work: from sbatch, from salloc, or typed by hand;
+- neither (python train.py): one process and no process group, exactly as stage 05.
+
+Later stages copy this file unchanged. (How each process takes its share of every batch is in data_loading.py.)
+"""
+
+import datetime
+import logging
+import os
+import subprocess
+import time
+
+import torch
+import torch.distributed as dist
+
+import common
+
+log = logging.getLogger(__name__)
+
+
+def launcher_place():
+    """(rank, local rank, world size, launcher) of this process; launcher is None when there is none."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun"
+    # SLURM_STEP_ID: a task of srun. (The batch script itself has SLURM_PROCID=0 and SLURM_NTASKS of the
+    # whole job, so those alone would make a `python train.py` typed in it wait for ranks that never come.)
+    if "SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"]), "srun"
+    return 0, 0, 1, None
+
+
+def meeting_point_from_slurm():
+    """MASTER_ADDR: the first node of this job step (where rank 0 runs), never the login node you submitted
+    from. MASTER_PORT: 15000 to 29999, from the job id (below the ports Linux hands out to connections)."""
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ["SLURM_JOB_NODELIST"]
+        try:
+            hostnames = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                       check=True).stdout.split()  # fmt: skip
+        except (OSError, subprocess.CalledProcessError) as error:  # e.g. in a container without Slurm's tools
+            raise common.UserError(f"cannot name the first node of {nodes} ({error}): export MASTER_ADDR=<it> "
+                                   "before srun, as stages/08_wandb_sweeps/submit_pm.sh does") from None  # fmt: skip
+        os.environ["MASTER_ADDR"] = hostnames[0]
+    os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ["SLURM_JOB_ID"]) % 15000))
+
+
+def ensure_data_once(preset, data_root, rank):
+    """Rank 0 generates missing data while the others wait for its folder (written whole, then renamed). No rank
+    is in a collective meanwhile (they wait on the file system), so a long generation cannot run into a
+    collective's timeout."""
+    folder = common.data_dir_for(preset, data_root)
+    if rank != 0 and not folder.exists():
+        log.warning(f"waiting for rank 0 to generate {folder}")
+        while not folder.exists():
+            time.sleep(1)
+    return common.ensure_data(preset, data_root)
+
+
+def device_for(name, local_rank):
+    """Each process on a node takes its own GPU: local rank modulo the GPUs it sees (with --gpus-per-task 1 or
+    --gpu-bind, each process sees one). On a CPU every process uses the CPU."""
+    device = common.choose_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
+
+
+def start(launcher, rank, world_size, device, timeout_s):
+    """Join the process group: NCCL between GPUs, gloo between CPU processes. A collective that waits longer
+    than timeout_s for a rank (one that died or hangs) fails, and the job ends instead of waiting forever."""
+    if launcher is None:
+        return
+    if launcher == "srun":
+        meeting_point_from_slurm()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+
+
+def stop():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_over_ranks(*values, device):
+    """Sum numbers (floats, or one-element tensors such as a loss) over every rank, in one collective; return
+    Python floats. In one process: the numbers themselves. Every rank must call it at the same step."""
+    together = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device).detach().reshape(())
+                            for value in values])  # fmt: skip
+    if dist.is_initialized():
+        dist.all_reduce(together)
+    return together.tolist()  # waits for the GPU, and for the other ranks
+
+
+def wait_for_all():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def check_same_on_every_rank(facts):
+    """Refuse to train when processes differ in what defines the run: settings, data set or the checkpoint
+    they resumed from. Different commands per rank would otherwise train a model that none of them meant."""
+    if not dist.is_initialized():
+        return
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, facts)
+    for rank, theirs in enumerate(everyone):
+        different = [f"{key} {theirs.get(key)!r} there, {value!r} on rank 0"
+                     for key, value in everyone[0].items() if theirs.get(key) != value]  # fmt: skip
+        if different:
+            raise common.UserError(f"rank {rank} would train another run than rank 0 ({'; '.join(different)}): "
+                                   "start every process with the same command and the same data")  # fmt: skip

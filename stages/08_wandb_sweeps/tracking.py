@@ -1,0 +1,123 @@
+"""Weights & Biases for train.py (stage 08's concept), on rank 0 only: choose the mode before anything waits on a
+network, start or continue the run, log metrics against an explicit step, and finish.
+
+Modes: online when there are credentials and the server answers; offline when there are none, when the server
+does not answer, or when WANDB_MODE=offline (the run is written to disk, for `wandb sync` later); disabled by
+config. Nothing here prompts: with no credentials it says so and goes offline.
+
+Later stages copy this file unchanged.
+"""
+
+import logging
+import netrc
+import os
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import common
+
+log = logging.getLogger(__name__)
+SERVER_TIMEOUT_S = 5  # how long the server may take to accept a connection before the run goes offline
+run = None  # the W&B run of this process (rank 0), or None
+image_every, next_image_step = 1, 0  # prediction images: one at the first validation after every image_every steps
+
+
+def server_url():
+    """The W&B server this wandb talks to: WANDB_BASE_URL, or wandb's own default (which changes between
+    versions, so it is read from wandb, never typed here)."""
+    import wandb
+
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+
+
+def why_not_online(url):
+    """None if a run can go online: credentials for the server, which accepts a connection; else the reason."""
+    host = urlparse(url).hostname
+    has_key = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
+    try:
+        has_key = has_key or netrc.netrc(os.environ.get("NETRC")).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        pass  # no ~/.netrc: no login
+    if not has_key:
+        return "no W&B credentials here (run `wandb login` once, or set WANDB_API_KEY)"
+    port = urlparse(url).port or (443 if urlparse(url).scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=SERVER_TIMEOUT_S).close()
+    except OSError as error:
+        return f"the W&B server {host} does not answer from this node ({error.strerror or error})"
+    return None
+
+
+def start(cfg, out_dir, run_id=None, name=None):
+    """Start (or, with the run_id of a checkpoint, continue) this process's W&B run; return its id, or None when
+    W&B is disabled. Its files go to out_dir/wandb, beside the checkpoints, never into the repository or home."""
+    global run, image_every
+    if cfg.wandb_mode == "disabled":
+        return None
+    image_every = cfg.wandb_image_every
+    os.environ.setdefault("WANDB_DIR", str(out_dir))
+    os.environ.setdefault("WANDB_CACHE_DIR", str(common.output_root("wandb", default=Path("runs/wandb")) / "cache"))
+    os.environ.setdefault("WANDB_DATA_DIR", str(common.output_root("wandb", default=Path("runs/wandb")) / "data"))
+    import wandb
+
+    mode = "offline" if cfg.wandb_mode == "offline" or os.environ.get("WANDB_MODE") == "offline" else "online"
+    problem = why_not_online(server_url()) if mode == "online" else None
+    if problem and cfg.wandb_mode == "online":
+        raise common.UserError(f"--wandb_mode online, but {problem}: fix that, or use --wandb_mode auto or offline")
+    if problem:
+        log.warning(f"W&B: {problem}: logging offline to {out_dir / 'wandb'}")
+        mode = "offline"
+    # Online: an answer within 60 s (or WANDB_INIT_TIMEOUT, if set), or an error.
+    settings = wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)), silent=True)
+    try:
+        run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group, name=name,
+                         id=run_id, resume="allow", config=vars(cfg), mode=mode, dir=out_dir,
+                         settings=settings)  # fmt: skip
+    except Exception as error:  # a refused key, a server that stopped answering: say so, and go on offline
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        if cfg.wandb_mode == "online":
+            raise common.UserError(f"W&B could not start online ({reason}): check `wandb login` and the "
+                                   "network, or use --wandb_mode offline") from None  # fmt: skip
+        log.warning(f"W&B could not start online ({reason}): logging offline to {out_dir / 'wandb'}")
+        # teardown drops what wandb keeps of the failed start; kept, it holds on to train.py's frames, whose
+        # DataLoader workers then outlive the run (they ignore SIGTERM) and keep the process from exiting.
+        wandb.teardown()
+        mode = "offline"
+        run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group, name=name,
+                         id=run_id, resume="allow", config=vars(cfg), mode=mode, dir=out_dir)  # fmt: skip
+    # Every metric against our own step: a run resumed from a checkpoint older than the last logged step logs
+    # those steps again, and W&B would drop points whose step is below its last one.
+    run.define_metric("trainer/step")
+    run.define_metric("*", step_metric="trainer/step")
+    if mode == "offline":
+        log.info(f"W&B offline: run {run.id} in {Path(run.dir).parent}; to upload it later, from a node with "
+                 f"network: wandb sync {out_dir}/wandb/offline-run-*")  # fmt: skip
+    else:
+        log.info(f"W&B online: {run.url}")
+    return run.id
+
+
+def log_metrics(step, metrics, image=None):
+    """Metrics (and a CHW image in [0, 1]) at an optimizer step; nothing when there is no run."""
+    global next_image_step
+    if run is None:
+        return
+    import wandb
+
+    values = {"trainer/step": step, **metrics}
+    if image is not None and step >= next_image_step:
+        values["val/delta_truth_prediction_error"] = wandb.Image(image.permute(1, 2, 0).numpy())
+        next_image_step = step + image_every
+    run.log(values)
+
+
+def finish(exit_code=0):
+    """End the run: 0 finished, 3 stopped early to resume later, another code failed."""
+    global run
+    if run is not None:
+        started = time.perf_counter()
+        run.finish(exit_code=exit_code)
+        log.info(f"W&B run finished with exit code {exit_code} ({time.perf_counter() - started:.0f} s)")
+        run = None
