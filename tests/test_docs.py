@@ -1,11 +1,13 @@
 """The READMEs: every link, path and command exists, and the computed parts match the files."""
 
 import ast
+import functools
 import json
 import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -86,7 +88,10 @@ def check_command(words, markdown):
             script_index = next(i for i, w in enumerate(words) if w.endswith(".sh"))
             script = REPO / words[script_index]
             assert script.exists(), where
-            check_stage_arguments(script, words[script_index + 1 :])
+            if script.name == "submit_sweep_pm.sh":  # its one argument: the sweep's id, not train.py's options
+                assert len(words[script_index + 1 :]) == 1, f"{where}: give the sweep id, and only that"
+            else:
+                check_stage_arguments(script, words[script_index + 1 :])
         return
     if program == "torchrun":  # torchrun [its options] script.py [the script's options]
         script_index = next(i for i, w in enumerate(words) if w.endswith(".py"))
@@ -106,9 +111,18 @@ def check_command(words, markdown):
     if program in ("pip", "jupyter", "tensorboard", "pytest", "ruff", "shellcheck"):
         assert (Path(sys.executable).parent / program).exists(), f"{where}: {program} is not installed"
         return
+    if program == "wandb":  # wandb sweep|agent|sync|login ...: a command of the installed wandb
+        assert wandb_command_exists(words[1]), f"{where}: wandb has no command {words[1]}"
+        return
     if program in ("bash", "cd", "git", "diff", "export", "cat"):
         return
     assert shutil.which(program), f"{where}: unknown command {program}"
+
+
+@functools.cache
+def wandb_command_exists(name):
+    wandb = Path(sys.executable).parent / "wandb"
+    return subprocess.run([wandb, name, "--help"], capture_output=True, timeout=120).returncode == 0
 
 
 @pytest.mark.parametrize("markdown", MARKDOWN, ids=IDS)

@@ -14,8 +14,8 @@
 #
 # One trial of a W&B sweep per job. Create the sweep once (`wandb sweep stages/08_wandb_sweeps/sweep.yaml`
 # prints its id), then submit from the repository root; --array starts that many trials at once, one per task:
-#   sbatch -A <account> stages/08_wandb_sweeps/submit_sweep_pm.sh <entity>/<project>/<sweep id>
-#   sbatch -A <account> --array=0-5 stages/08_wandb_sweeps/submit_sweep_pm.sh <entity>/<project>/<sweep id>
+#   sbatch -A <account> stages/08_wandb_sweeps/submit_sweep_pm.sh <entity>/<project>/<sweep_id>
+#   sbatch -A <account> --array=0-5 stages/08_wandb_sweeps/submit_sweep_pm.sh <entity>/<project>/<sweep_id>
 # At the job's first start, rank 0 runs `wandb agent --count 1`, which hands it a trial; rank 0 saves the
 # trial's settings and sends them to the other ranks. Near the time limit the trial checkpoints and the job
 # requeues itself; the requeued job (same job id) continues that trial instead of asking for a new one.
@@ -24,7 +24,7 @@ set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-.}"
 if [[ ! -f slurm/setup_env.sh ]]; then
-  echo "error: submit from the repository root: cd <repo> && sbatch stages/08_wandb_sweeps/submit_sweep_pm.sh <sweep id>" >&2
+  echo "error: submit from the repository root: cd <repo> && sbatch stages/08_wandb_sweeps/submit_sweep_pm.sh <sweep_id>" >&2
   exit 1
 fi
 if [[ $# -ne 1 ]]; then

@@ -1,6 +1,6 @@
 """W&B sweeps for train.py (stage 08's concept): one trial per Slurm job, on every rank, surviving a requeue.
 
-    python stages/08_wandb_sweeps/sweeps.py task <sweep id>      # what each srun task of submit_sweep_pm.sh runs
+    python stages/08_wandb_sweeps/sweeps.py task <sweep_id>      # what each srun task of submit_sweep_pm.sh runs
     python stages/08_wandb_sweeps/sweeps.py grid sweep.yaml      # the grid's points, numbered (offline job arrays)
     python stages/08_wandb_sweeps/sweeps.py grid sweep.yaml --index 3   # train.py's arguments for point 3, offline
 

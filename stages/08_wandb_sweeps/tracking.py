@@ -13,6 +13,7 @@ import netrc
 import os
 import socket
 import time
+import traceback
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -72,18 +73,18 @@ def start(cfg, out_dir, run_id=None, name=None):
     # Online: an answer within 60 s (or WANDB_INIT_TIMEOUT, if set), or an error.
     settings = wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)), silent=True)
     try:
-        run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group, name=name,
-                         id=run_id, resume="allow", config=vars(cfg), mode=mode, dir=out_dir,
-                         settings=settings)  # fmt: skip
+        run, failure = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group,
+                                  name=name, id=run_id, resume="allow", config=vars(cfg), mode=mode, dir=out_dir,
+                                  settings=settings), None  # fmt: skip
     except Exception as error:  # a refused key, a server that stopped answering: say so, and go on offline
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        if cfg.wandb_mode == "online":
-            raise common.UserError(f"W&B could not start online ({reason}): check `wandb login` and the "
-                                   "network, or use --wandb_mode offline") from None  # fmt: skip
-        log.warning(f"W&B could not start online ({reason}): logging offline to {out_dir / 'wandb'}")
-        # teardown drops what wandb keeps of the failed start; kept, it holds on to train.py's frames, whose
-        # DataLoader workers then outlive the run (they ignore SIGTERM) and keep the process from exiting.
+        failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        forget(error)
+    if failure:
         wandb.teardown()
+        if cfg.wandb_mode == "online":
+            raise common.UserError(f"W&B could not start online ({failure}): check `wandb login` and the "
+                                   "network, or use --wandb_mode offline")  # fmt: skip
+        log.warning(f"W&B could not start online ({failure}): logging offline to {out_dir / 'wandb'}")
         mode = "offline"
         run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group, name=name,
                          id=run_id, resume="allow", config=vars(cfg), mode=mode, dir=out_dir)  # fmt: skip
@@ -97,6 +98,17 @@ def start(cfg, out_dir, run_id=None, name=None):
     else:
         log.info(f"W&B online: {run.url}")
     return run.id
+
+
+def forget(error):
+    """Drop an error's tracebacks (and those of the errors it arose from). wandb keeps a failed start's error in a
+    reference cycle; its traceback reaches train()'s frame, so the DataLoader and its workers would outlive
+    training, be ended by the garbage collector in an order that leaves them waiting (they ignore SIGTERM), and
+    keep the process from exiting."""
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error.__traceback__ = None
+        error = error.__context__
 
 
 def log_metrics(step, metrics, image=None):

@@ -3,7 +3,7 @@ to sync later), the run continues across requeues, and a W&B sweep runs one tria
 
     python stages/08_wandb_sweeps/train.py --config quick                        # offline without a W&B login
     sbatch -A <account> stages/08_wandb_sweeps/submit_pm.sh --config bs64        # 4 GPUs, one W&B run
-    sbatch -A <account> stages/08_wandb_sweeps/submit_sweep_pm.sh <sweep id>     # one trial of a W&B sweep
+    sbatch -A <account> stages/08_wandb_sweeps/submit_sweep_pm.sh <sweep_id>     # one trial of a W&B sweep
 """
 import contextlib
 import logging
