@@ -45,3 +45,16 @@ def pytest_collection_modifyitems(items):
         if "local_slurm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("slurm"))
     items.sort(key=lambda item: not (item.get_closest_marker("xdist_group") or item.get_closest_marker("slow")))
+
+
+def pytest_configure(config):
+    """pytest-xdist groups tests (--dist loadgroup) by editing their ids, which pytest 9.2 no longer lets it do:
+    the Slurm tests would then run on several workers at once, each with a cluster of its own."""
+    from packaging.version import Version
+
+    if config.getoption("dist", None) == "loadgroup" and Version(pytest.__version__) >= Version("9.2"):
+        import xdist
+
+        if Version(xdist.__version__) <= Version("3.8.0"):
+            raise pytest.UsageError(f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} cannot group "
+                                    "tests: pip install -r requirements-test.txt (pytest<9.2)")  # fmt: skip
