@@ -80,18 +80,28 @@ def runs_table():
     import json
 
     lines = [
-        "| run | stage | config | hardware | samples/s | data wait | val rel. L2 (baseline) | wall time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | stage | config | hardware | samples/s | data wait | val rel. L2 (baseline) | wall time | date |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for summary_file in sorted((REPO / "example_logs").glob("*/summary.json")):
+    for summary_file in sorted((REPO / "example_logs").rglob("summary.json")):
         s = json.loads(summary_file.read_text())
         run = summary_file.parent.relative_to(REPO)
         lines.append(
-            f"| [{run.name}]({run}) | {s['stage']} | {s['settings']['config']} | {s['hardware']} | "
+            f"| [{run.relative_to('example_logs')}]({run}) | {s['stage']} | {s['settings']['config']} | {s['hardware']} | "
             f"{s['samples_per_s']:.0f} | {s['data_wait_share']:.0%} | "
-            f"{s['val_relative_l2']:.3f} ({s['baseline_relative_l2']:.3f}) | {s['wall_time_s']:.0f} s |"
+            f"{s['val_relative_l2']:.3f} ({s['baseline_relative_l2']:.3f}) | {s['wall_time_s']:.0f} s | "
+            f"{run_date(summary_file.parent)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def run_date(run_dir):
+    """The day a run started (UTC), from the name TensorBoard gave its first event file:
+    events.out.tfevents.<unix time>.<host>...; '' for a run without one."""
+    import datetime
+
+    times = [int(path.name.split(".")[3]) for path in (run_dir / "tensorboard").glob("events.out.tfevents.*")]
+    return datetime.datetime.fromtimestamp(min(times), datetime.UTC).strftime("%Y-%m-%d") if times else ""
 
 
 def between(text, start, end):
