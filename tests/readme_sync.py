@@ -87,7 +87,8 @@ def runs_table():
         s = json.loads(summary_file.read_text())
         run = summary_file.parent.relative_to(REPO)
         lines.append(
-            f"| [{run.relative_to('example_logs')}]({run}) | {s['stage']} | {s['settings']['config']} | {s['hardware']} | "
+            f"| [{run.relative_to('example_logs')}]({run}) | {s['stage']} | {s['settings']['config']} | "
+            f"{s['hardware']} | "
             f"{s['samples_per_s']:.0f} | {s['data_wait_share']:.0%} | "
             f"{s['val_relative_l2']:.3f} ({s['baseline_relative_l2']:.3f}) | {s['wall_time_s']:.0f} s | "
             f"{run_date(summary_file.parent)} |"

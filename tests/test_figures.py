@@ -44,8 +44,8 @@ def test_every_figure_is_shown_and_nothing_else_lies_in_tutorial_images():
 @pytest.mark.slow
 def test_the_script_makes_every_figure_again(tmp_path):
     """Same names and sizes as the committed figures (pixels can differ between matplotlib versions)."""
-    result = subprocess.run([sys.executable, IMAGES / "make_figures.py", tmp_path], capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
+    command = [sys.executable, IMAGES / "make_figures.py", "--out_dir", tmp_path]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert {path.name for path in tmp_path.glob("*.png")} == set(make_figures.FIGURES)
     for name in make_figures.FIGURES:

@@ -213,18 +213,23 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
     (bin_dir / "wandb").write_text(FAKE_AGENT.format(python=sys.executable))
     (bin_dir / "wandb").chmod(0o755)
     calls = tmp_path / "agent-calls"
-    trial_arguments = f"--config=test --num_epochs=6 --base_lr=0.001 --global_batch_size=64 --data_root={tiny_data}"
+    trial_arguments = (f"--config=test --wandb_mode=offline --num_epochs=6 --base_lr=0.001 --global_batch_size=64 "
+                       f"--data_root={tiny_data}")
     path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), local_slurm["PATH"]])
-    env = {**local_slurm, "PATH": path, "WANDB_MODE": "offline", "FAKE_AGENT_CALLS": str(calls),
+    # TUTORIAL_ENV=none: the Python first on PATH (this one), and no venv activation that would put the real
+    # wandb ahead of the stand-in.
+    env = {**local_slurm, "PATH": path, "TUTORIAL_ENV": "none", "WANDB_MODE": "offline", "FAKE_AGENT_CALLS": str(calls),
            "FAKE_RUN_ID": "trial42", "FAKE_TRIAL_ARGUMENTS": trial_arguments}  # fmt: skip
     sweeps = stage_module(NEWEST, "sweeps")
-    trial_dir = sweeps.sweep_folder("me/project/fakesweep") / "lr1e-3_gbs64-trial42"
+    name = sweeps.trial_name(trial_arguments.split())  # num_epochs6_lr1e-3_gbs64
+    trial_dir = sweeps.sweep_folder("me/project/fakesweep") / f"{name}-trial42"
     job_id = submit(env, "-A", "tutorial", f"--chdir={REPO}", NEWEST.relative_to(REPO) / "submit_sweep_pm.sh",
                     "me/project/fakesweep")  # fmt: skip
     log = trial_dir / "train.log"
     deadline = time.monotonic() + 180
     while not (log.exists() and "step 16/" in log.read_text()):
-        assert time.monotonic() < deadline and job_field(env, job_id, "JobState") not in FINISHED, "no progress"
+        if time.monotonic() > deadline or job_field(env, job_id, "JobState") in FINISHED:
+            pytest.fail(f"no progress: {job_field(env, job_id, 'JobState')}\n{job_output(job_id, name='08_sweep')}")
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
     state = wait_for_job(env, job_id, timeout=240)
@@ -235,6 +240,7 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
     summary = common.read_summary(trial_dir)
     assert summary["world_size"] == 4 and summary["steps"] == 48 and summary["settings"]["base_lr"] == 0.001
     trial = json.loads((sweeps.sweep_folder("me/project/fakesweep") / "trials" / f"{job_id}.json").read_text())
-    assert trial["exit_code"] == 0 and trial["name"] == "lr1e-3_gbs64"
+    assert trial["exit_code"] == 0 and trial["name"] == name == "num_epochs6_lr1e-3_gbs64"
     pieces = sorted((trial_dir / "wandb").glob("offline-run-*-trial42"))
     assert len(pieces) == 2, "the first attempt and the continued one, both of the trial's W&B run"
+    print(output)  # the job's log, for the record

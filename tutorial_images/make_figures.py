@@ -1,12 +1,14 @@
 """Make the figures the READMEs show, from the reference runs in example_logs/ and from the code (the data are
 generated, the learning-rate schedules computed): nothing is drawn by hand.
 
-    python tutorial_images/make_figures.py            # writes every figure of FIGURES into tutorial_images/
+    python tutorial_images/make_figures.py                   # every figure of FIGURES, into tutorial_images/
+    python tutorial_images/make_figures.py --out_dir /tmp/figs   # elsewhere, to compare
 
 Every figure is a function of what it reads; stages/07_large_batch/study.py calls batch_size_study for its own
 runs too. tests/test_figures.py checks that the READMEs show exactly these figures.
 """
 
+import argparse
 import io
 import json
 import sys
@@ -188,4 +190,6 @@ def main(folder=IMAGES):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description="Make the figures the READMEs show.")
+    parser.add_argument("--out_dir", type=Path, default=IMAGES, help="where to write them (default: tutorial_images/)")
+    main(parser.parse_args().out_dir)
