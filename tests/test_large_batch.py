@@ -135,14 +135,14 @@ def small_data(tmp_path_factory):
 @pytest.mark.parametrize("name", BATCH_CONFIGS)
 def test_every_named_batch_config_runs_in_a_short_form(name, tmp_path, small_data):
     """Each batch-size config as named (its data, batch, LR rule, warmup and epochs), with a tiny U-Net, for its
-    first 2 optimizer steps (the signal stops it there, with a checkpoint): it runs, in micro-batches of 256,
-    and its LR after 2 steps is the formula's, in the warmup."""
+    first optimizer step (the signal stops it there, with a checkpoint): it runs, in micro-batches of 256, and
+    its LR after that step is the formula's, in the warmup."""
     out_dir = tmp_path / "run"
     tiny_unet = ["--base_channels", "4", "--depth", "2"]
-    result = run_python(STAGE / "train.py", "--config", name, *tiny_unet, "--signal_at_step", "2", "--data_root",
+    result = run_python(STAGE / "train.py", "--config", name, *tiny_unet, "--signal_at_step", "1", "--data_root",
                         small_data, "--out_dir", out_dir, cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 3 and "at step 2;" in result.stdout, output_of(result)
-    state = torch.load(out_dir / "checkpoints" / "step-00000002.pt", weights_only=True)
+    assert result.returncode == 3 and "at step 1;" in result.stdout, output_of(result)
+    state = torch.load(out_dir / "checkpoints" / "step-00000001.pt", weights_only=True)
     cfg = {**CONFIGS["default"], **CONFIGS[name]}
     assert state["settings"]["global_batch_size"] == cfg["global_batch_size"]
     micro_batch = min(cfg["micro_batch_size"], cfg["global_batch_size"])
@@ -151,7 +151,7 @@ def test_every_named_batch_config_runs_in_a_short_form(name, tmp_path, small_dat
     peak = cfg["base_lr"] * {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[cfg["lr_scaling"]]
     steps_per_epoch = 4096 // cfg["global_batch_size"]
     warmup = round(cfg["warmup_epochs"] * steps_per_epoch) if k > 1 else 0
-    expected = expected_lr(2, peak, cfg["base_lr"] if warmup else peak, warmup, cfg["num_epochs"] * steps_per_epoch)
+    expected = expected_lr(1, peak, cfg["base_lr"] if warmup else peak, warmup, cfg["num_epochs"] * steps_per_epoch)
     assert state["scheduler"]["_last_lr"][0] == pytest.approx(expected, rel=1e-9)
 
 
