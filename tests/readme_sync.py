@@ -79,6 +79,9 @@ def runs_table():
     """A markdown table of every reference run in example_logs/, from its summary.json."""
     import json
 
+    sys.path.insert(0, str(STAGES))
+    import common
+
     lines = [
         "| run | stage | config | hardware | samples/s | data wait | val rel. L2 (baseline) | wall time | date |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -91,18 +94,9 @@ def runs_table():
             f"{s['hardware']} | "
             f"{s['samples_per_s']:.0f} | {s['data_wait_share']:.0%} | "
             f"{s['val_relative_l2']:.3f} ({s['baseline_relative_l2']:.3f}) | {s['wall_time_s']:.0f} s | "
-            f"{run_date(summary_file.parent)} |"
+            f"{common.run_date(summary_file.parent)} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def run_date(run_dir):
-    """The day a run started (UTC), from the name TensorBoard gave its first event file:
-    events.out.tfevents.<unix time>.<host>...; '' for a run without one."""
-    import datetime
-
-    times = [int(path.name.split(".")[3]) for path in (run_dir / "tensorboard").glob("events.out.tfevents.*")]
-    return datetime.datetime.fromtimestamp(min(times), datetime.UTC).strftime("%Y-%m-%d") if times else ""
 
 
 def between(text, start, end):

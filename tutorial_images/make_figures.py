@@ -135,15 +135,16 @@ def throughput(path):
     figure, axes = plt.subplots(figsize=(9, 4.2))
     names = [f"{folder.name} [{summary['settings'].get('precision', 'fp32')}]" for summary, folder in runs]
     bars = axes.barh(names, [summary["samples_per_s"] for summary, _ in runs], color="tab:blue")
-    for bar, (summary, _) in zip(bars, runs):
-        axes.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" data wait {summary['data_wait_share']:.0%}",
-                  va="center", fontsize=8)  # fmt: skip
+    for bar, (summary, folder) in zip(bars, runs):
+        axes.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                  f" data wait {summary['data_wait_share']:.0%}, run {common.run_date(folder)}", va="center",
+                  fontsize=8)  # fmt: skip
     axes.invert_yaxis()
     axes.set_xlabel("samples/s (training, all processes together)")
     hardware = sorted({summary["hardware"] for summary, _ in runs})
     axes.set_title(f"The `quick` config of each stage: CPU figures, not GPU ones\nmeasured on {' and '.join(hardware)}",
                    fontsize=10)  # fmt: skip
-    axes.set_xlim(0, 1.25 * max(bar.get_width() for bar in bars))
+    axes.set_xlim(0, 1.45 * max(bar.get_width() for bar in bars))
     figure.tight_layout()
     return save(figure, path)
 
@@ -153,7 +154,8 @@ def loss_against_time(path):
     figure, axes = plt.subplots(figsize=(8, 4.2))
     for summary, folder in quick_runs():
         steps, seconds, losses = zip(*common.scalar_curve(folder, "train/loss"))
-        axes.plot(seconds, losses, marker=".", label=f"{folder.name} ({summary.get('world_size', 1)} proc.)")
+        axes.plot(seconds, losses, marker=".",
+                  label=f"{folder.name} ({summary.get('world_size', 1)} proc., {common.run_date(folder)})")  # fmt: skip
     axes.set_yscale("log")
     axes.set_xlabel("wall time since the run started (s)")
     axes.set_ylabel("training loss")

@@ -10,6 +10,7 @@ import platform
 import re
 import socket
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -244,6 +245,13 @@ def scalar_curve(run_dir, tag):
     events = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     start = events.FirstEventTimestamp()
     return [(event.step, event.wall_time - start, event.value) for event in events.Scalars(tag)]
+
+
+def run_date(run_dir):
+    """The day (UTC) a run started, from the name TensorBoard gave its first event file,
+    events.out.tfevents.<unix time>.<host>...; '' for a run without one."""
+    times = [int(path.name.split(".")[3]) for path in (Path(run_dir) / "tensorboard").glob("events.out.tfevents.*")]
+    return time.strftime("%Y-%m-%d", time.gmtime(min(times))) if times else ""
 
 
 def colorize(fields, limit=3.0):
