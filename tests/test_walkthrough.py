@@ -19,8 +19,7 @@ def outputs(notebook):
 
 
 def test_walkthrough_submits_stage_06_and_watches_it_finish(local_slurm, tmp_path, monkeypatch):
-    for name in ("SLURM_CONF", "PATH"):
-        monkeypatch.setenv(name, local_slurm[name])
+    monkeypatch.setenv("SLURM_CONF", local_slurm["SLURM_CONF"])
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{local_slurm['PATH']}")
     monkeypatch.setenv("SCRATCH", str(tmp_path))  # its own data, runs and job log
     monkeypatch.setenv("SBATCH_ACCOUNT", "tutorial")  # what `sbatch -A` would say; the notebook's ACCOUNT is None
