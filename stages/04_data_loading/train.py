@@ -88,7 +88,8 @@ def train(cfg, out_dir):
     start_epoch, first_batch, step, epoch_loss, best_val_loss = 0, 0, 0, 0.0, math.inf
     # Summed over every process of this run, so that summary.json describes the whole run.
     totals = {"train_time": 0.0, "wait_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "processes": 0}
-    state = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg))
+    data = common.data_identity(train_set.meta)
+    state, resumed_from = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg), data)
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -104,6 +105,9 @@ def train(cfg, out_dir):
     except OSError as error:
         raise common.UserError(f"cannot write checkpoints to {checkpoint_dir} ({error.strerror}): "
                                "choose another --out_dir") from None  # fmt: skip
+    branch = checkpoints.set_aside_newer_work(out_dir, resumed_from, step)
+    if branch:
+        log.info(f"resumed from an older checkpoint: a new branch; the newer work moved to {branch} (nothing lost)")
     writer = SummaryWriter(out_dir / "tensorboard", purge_step=step + 1)  # drop events logged after the checkpoint
 
     def checkpoint(epoch, batch_in_epoch):
@@ -111,8 +115,8 @@ def train(cfg, out_dir):
                  "rng": checkpoints.rng_states(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
                  "epoch_loss": epoch_loss, "best_val_loss": best_val_loss, "settings": run_settings(cfg),
                  "totals": {**totals, "wall_time": totals["wall_time"] + time.perf_counter() - start},
-                 "threads": torch.get_num_threads()}  # fmt: skip
-        return checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last)
+                 "threads": torch.get_num_threads(), "data": data}  # fmt: skip
+        return checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last, keep=resumed_from)
 
     signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
     signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel
@@ -133,6 +137,7 @@ def train(cfg, out_dir):
             delta, phi = delta.to(device, non_blocking=True), phi.to(device, non_blocking=True)  # overlaps with compute
             loss = torch.nn.functional.mse_loss(model(delta), phi)
             if not torch.isfinite(loss):
+                common.check_data_finite(train_set.path.parent)
                 raise common.UserError(f"the loss is {loss.item()} at step {step + 1}: training diverged; "
                                        f"try a smaller --lr (this run: {cfg.lr})")  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
@@ -166,7 +171,8 @@ def train(cfg, out_dir):
             if stop_signal or step % cfg.checkpoint_every == 0:
                 path = checkpoint(epoch, batch_index + 1)
             if stop_signal:
-                log.info(f"{stop_signal} received: saved {path} at step {step}; run the same command to resume")
+                advice = checkpoints.how_to_resume(cfg.resume)
+                log.info(f"{stop_signal} received: saved {path} at step {step}; {advice}")
                 writer.close()
                 return None
             step_start = time.perf_counter()

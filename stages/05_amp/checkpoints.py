@@ -4,9 +4,11 @@ train.py decides what a checkpoint holds and when to save it; this file writes, 
 Later stages copy it unchanged.
 """
 
+import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -52,20 +54,23 @@ def save_atomically(state, path):
                                "the checkpoints saved before are intact") from None  # fmt: skip
 
 
-def save_checkpoint(folder, state, keep_last):
-    """Save as step-<step>.pt, then keep only the newest keep_last of them."""
+def save_checkpoint(folder, state, keep_last, keep=None):
+    """Save as step-<step>.pt, then delete the older ones beyond the newest keep_last; never the file just
+    written, nor `keep` (the one this run resumed from: the command that resumed from it may be run again)."""
     path = folder / f"step-{state['step']:08d}.pt"
     save_atomically(state, path)
     for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
-        old.unlink()
+        if old != path and old != keep:
+            old.unlink()
     return path
 
 
-def load_checkpoint(resume, folder, settings):
-    """resume 'auto': the newest checkpoint in folder that loads; a path: that one; 'none': None.
-    A checkpoint whose run had other settings is refused, naming the differences."""
+def load_checkpoint(resume, folder, settings, data):
+    """(state, path) of the checkpoint to resume from, or (None, None) to start from scratch. resume 'auto': the
+    newest checkpoint in folder that loads; a path: that one; 'none': none. A checkpoint whose run had other
+    settings or other data is refused, naming the differences; so is a folder whose checkpoints all fail to load."""
     if resume == "none":
-        return None
+        return None, None
     candidates = [Path(resume)] if resume != "auto" else sorted(folder.glob("step-*.pt"), reverse=True)
     for path in candidates:
         try:
@@ -76,17 +81,63 @@ def load_checkpoint(resume, folder, settings):
         if not isinstance(state, dict) or "optimizer" not in state:
             raise common.UserError(f"{path} holds no training state (best.pt holds only weights, for predict.py): "
                                    "resume from a step-*.pt checkpoint")  # fmt: skip
-        differences = [f"{key} {state['settings'].get(key)!r} there, {value!r} now"
-                       for key, value in settings.items() if state["settings"].get(key) != value]  # fmt: skip
-        if differences:
-            raise common.UserError(f"{path} is from a run with other settings ({'; '.join(differences)}): for a new "
-                                   "experiment pass its own --out_dir DIR, or pass --resume none to start over in "
-                                   "this folder (the earlier run's files are then moved to earlier/)")  # fmt: skip
+        check_same_run(path, state, settings, data)
         log.info(f"resuming from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
-        return state
+        return state, path
     if resume != "auto":
-        raise common.UserError(f"cannot resume from {resume}: it is missing or corrupt")
-    return None
+        raise common.UserError(f"cannot resume from {resume}: it is missing or corrupt; name another checkpoint, "
+                               "or pass --resume auto")  # fmt: skip
+    if candidates:
+        names = ", ".join(path.name for path in candidates)
+        raise common.UserError(f"no checkpoint in {folder} can be read ({names}): pass --resume none to start over "
+                               "(they are then moved to earlier/), or --resume <a checkpoint> to resume from "
+                               "another one")  # fmt: skip
+    return None, None
+
+
+def check_same_run(path, state, settings, data):
+    """Refuse a checkpoint of another run: other settings, or other data (preset, seed, sizes, fingerprint)."""
+    differences = [f"{key} {state['settings'].get(key)!r} there, {value!r} now"
+                   for key, value in settings.items() if state["settings"].get(key) != value]  # fmt: skip
+    differences += [f"data {key} {state.get('data', {}).get(key)!r} there, {value!r} now"
+                    for key, value in data.items() if state.get("data", {}).get(key) != value]  # fmt: skip
+    if differences:
+        raise common.UserError(f"{path} is from a run with other settings or data ({'; '.join(differences)}): for "
+                               "a new experiment pass its own --out_dir DIR, or pass --resume none to start over "
+                               "in this folder (the earlier run's files are then moved to earlier/)")  # fmt: skip
+
+
+def how_to_resume(resume):
+    """The advice printed when a run stops early."""
+    if resume == "auto":
+        return "run the same command to resume"
+    return f"to resume, run it again with --resume auto (not --resume {resume})"
+
+
+def set_aside_newer_work(out_dir, resumed_from, step):
+    """A resume from a checkpoint older than the folder's newest starts a new branch of the run: the checkpoints
+    of the abandoned branch (those after `step`, or all of them when resumed from another folder), its best.pt and
+    its summary move to out_dir/earlier/<time>-branch/, and a copy of its TensorBoard events goes there too (this
+    run's events after `step` are then dropped). Nothing resumes from them and nothing is lost. Returns that
+    folder, or None when there was nothing newer."""
+    folder = out_dir / "checkpoints"
+    own = resumed_from is not None and resumed_from.resolve().parent == folder.resolve()
+    newer = [path for path in folder.glob("step-*.pt") if not own or int(path.stem.split("-")[1]) > step]
+    best, summary = folder / "best.pt", out_dir / "summary.json"
+    if best.exists() and (not own or torch.load(best, map_location="cpu", weights_only=True)["step"] > step):
+        newer.append(best)
+    if summary.exists() and (not own or json.loads(summary.read_text())["steps"] > step):
+        newer.append(summary)
+    if resumed_from is None or not newer:
+        return None
+    (out_dir / "earlier").mkdir(exist_ok=True)
+    branch = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-branch-"), dir=out_dir / "earlier"))
+    (branch / "checkpoints").mkdir()
+    for path in newer:
+        path.rename(branch / path.relative_to(out_dir))
+    if (out_dir / "tensorboard").exists():
+        shutil.copytree(out_dir / "tensorboard", branch / "tensorboard")
+    return branch
 
 
 def set_aside_earlier_run(out_dir):

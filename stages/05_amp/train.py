@@ -119,7 +119,8 @@ def train(cfg, out_dir):
     # Summed over every process of this run, so that summary.json describes the whole run.
     totals = {"train_time": 0.0, "wait_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "processes": 0,
               "first_step_time": 0.0}  # fmt: skip
-    state = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg))
+    data = common.data_identity(train_set.meta)
+    state, resumed_from = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg), data)
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -136,6 +137,9 @@ def train(cfg, out_dir):
     except OSError as error:
         raise common.UserError(f"cannot write checkpoints to {checkpoint_dir} ({error.strerror}): "
                                "choose another --out_dir") from None  # fmt: skip
+    branch = checkpoints.set_aside_newer_work(out_dir, resumed_from, step)
+    if branch:
+        log.info(f"resumed from an older checkpoint: a new branch; the newer work moved to {branch} (nothing lost)")
     writer = SummaryWriter(out_dir / "tensorboard", purge_step=step + 1)  # drop events logged after the checkpoint
 
     def checkpoint(epoch, batch_in_epoch):
@@ -144,8 +148,8 @@ def train(cfg, out_dir):
                  "batch_in_epoch": batch_in_epoch, "step": step, "epoch_loss": float(epoch_loss),
                  "best_val_loss": best_val_loss, "settings": run_settings(cfg),
                  "totals": {**totals, "wall_time": totals["wall_time"] + time.perf_counter() - start},
-                 "threads": torch.get_num_threads()}  # fmt: skip
-        return checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last)
+                 "threads": torch.get_num_threads(), "data": data}  # fmt: skip
+        return checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last, keep=resumed_from)
 
     signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
     signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel
@@ -186,7 +190,7 @@ def train(cfg, out_dir):
 
             # Every log_every steps of the run (the first step is timed apart, so counting the window's would shift)
             if window_steps and (step % cfg.log_every == 0 or batch_index == batches_per_epoch - 1):
-                raise_if_diverged(loss, step, cfg.lr)  # .item() waits for the GPU: here, once per log line
+                raise_if_diverged(loss, step, cfg.lr, train_set.path.parent)  # .item() waits for the GPU: so here
                 elapsed = time.perf_counter() - window_start
                 samples_per_s = window_steps * cfg.batch_size / elapsed
                 wait_share = window_wait / elapsed
@@ -207,10 +211,11 @@ def train(cfg, out_dir):
             if step == cfg.signal_at_step:  # to try it out: the signal Slurm sends before the time limit
                 os.kill(os.getpid(), signal.SIGUSR1)
             if stop_signal or step % cfg.checkpoint_every == 0:
-                raise_if_diverged(loss, step, cfg.lr)  # never save weights that are NaN
+                raise_if_diverged(loss, step, cfg.lr, train_set.path.parent)  # never save weights that are NaN
                 path = checkpoint(epoch, batch_index + 1)
             if stop_signal:
-                log.info(f"{stop_signal} received: saved {path} at step {step}; run the same command to resume")
+                advice = checkpoints.how_to_resume(cfg.resume)
+                log.info(f"{stop_signal} received: saved {path} at step {step}; {advice}")
                 writer.close()
                 return None
             step_start = time.perf_counter()
@@ -253,8 +258,9 @@ def train(cfg, out_dir):
     return summary
 
 
-def raise_if_diverged(loss, step, lr):
+def raise_if_diverged(loss, step, lr, data_dir):
     if not math.isfinite(loss.item()):
+        common.check_data_finite(data_dir)  # a NaN in the data is no matter of the learning rate
         raise common.UserError(f"the loss is {loss.item()} at step {step}: training diverged; "
                                f"try a smaller --lr (this run: {lr})")  # fmt: skip
 

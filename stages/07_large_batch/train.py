@@ -132,7 +132,8 @@ def train(cfg, out_dir, rank, local_rank, world_size, launcher):
     # Summed over every process of this run, so that summary.json describes the whole run.
     totals = {"train_time": 0.0, "wait_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "processes": 0,
               "first_step_time": 0.0}  # fmt: skip
-    state = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg))
+    data = common.data_identity(train_set.meta)
+    state, resumed_from = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg), data)
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -158,6 +159,9 @@ def train(cfg, out_dir, rank, local_rank, world_size, launcher):
         except OSError as error:
             raise common.UserError(f"cannot write checkpoints to {checkpoint_dir} ({error.strerror}): "
                                    "choose another --out_dir") from None  # fmt: skip
+        branch = checkpoints.set_aside_newer_work(out_dir, resumed_from, step)
+        if branch:
+            log.info(f"resumed from an older checkpoint: a new branch; the newer work moved to {branch} (nothing lost)")
         writer = SummaryWriter(out_dir / "tensorboard", purge_step=step + 1)  # drop events after the checkpoint
 
     def checkpoint(epoch, batch_in_epoch):
@@ -171,8 +175,8 @@ def train(cfg, out_dir, rank, local_rank, world_size, launcher):
                      "batch_in_epoch": batch_in_epoch, "step": step, "epoch_loss": global_epoch_loss / world_size,
                      "best_val_loss": best_val_loss, "settings": run_settings(cfg),
                      "totals": {**totals, "wall_time": totals["wall_time"] + time.perf_counter() - start},
-                     "threads": torch.get_num_threads()}  # fmt: skip
-            path = checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last)
+                     "threads": torch.get_num_threads(), "data": data}  # fmt: skip
+            path = checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last, keep=resumed_from)
         distributed.wait_for_all()  # no rank exits (and gets rank 0 killed by its launcher) before the file is saved
         return path
 
@@ -236,7 +240,7 @@ def train(cfg, out_dir, rank, local_rank, world_size, launcher):
                 loss_sum, wait_sum, stops = distributed.sum_over_ranks(loss, window_wait, stop_signal is not None,
                                                                        device=device)  # fmt: skip
                 mean_loss, stop = loss_sum / world_size, stops > 0
-                raise_if_diverged(mean_loss, step, scheduler.get_last_lr()[0])
+                raise_if_diverged(mean_loss, step, scheduler.get_last_lr()[0], train_set.path.parent)
             # Every log_every steps of the run (the first step is timed apart, so counting the window's would shift)
             if window_steps and (step % cfg.log_every == 0 or end_of_epoch):
                 elapsed = time.perf_counter() - window_start
@@ -258,7 +262,7 @@ def train(cfg, out_dir, rank, local_rank, world_size, launcher):
                 path = checkpoint(epoch, batch_index + 1)
             if stop:
                 log.info(f"{stop_signal or 'a stop signal to another process'} received: saved {path} at step {step}; "
-                         "run the same command to resume")  # fmt: skip
+                         f"{checkpoints.how_to_resume(cfg.resume)}")  # fmt: skip
                 add_scalars(writer, step, {})  # closes the event file
                 return None
 
@@ -317,8 +321,9 @@ def add_scalars(writer, step, scalars, image=None):
         writer.close()
 
 
-def raise_if_diverged(loss, step, lr):
+def raise_if_diverged(loss, step, lr, data_dir):
     if not math.isfinite(loss):
+        common.check_data_finite(data_dir)  # a NaN in the data is no matter of the learning rate
         raise common.UserError(f"the loss is {loss} at step {step}: training diverged at lr {lr:.2e}; try a smaller "
                                "--base_lr, another --lr_scaling, or more --warmup_epochs")  # fmt: skip
 

@@ -134,7 +134,8 @@ def train(cfg, out_dir, device, rank, world_size, launcher):
     # Summed over every process of this run, so that summary.json describes the whole run.
     totals = {"train_time": 0.0, "wait_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "processes": 0,
               "first_step_time": 0.0}  # fmt: skip
-    state = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg))
+    data = common.data_identity(train_set.meta)
+    state, resumed_from = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg), data)
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -160,9 +161,14 @@ def train(cfg, out_dir, device, rank, world_size, launcher):
         except OSError as error:
             raise common.UserError(f"cannot write checkpoints to {checkpoint_dir} ({error.strerror}): "
                                    "choose another --out_dir") from None  # fmt: skip
+        branch = checkpoints.set_aside_newer_work(out_dir, resumed_from, step)
+        if branch:
+            log.info(f"resumed from an older checkpoint: a new branch; the newer work moved to {branch} (nothing lost)")
         writer = SummaryWriter(out_dir / "tensorboard", purge_step=step + 1)  # drop events after the checkpoint
-        # W&B: the run of the checkpoint continues (its id is stored there), or the sweep trial's, or a new one
-        run_id = tracking.start(cfg, out_dir, (state or {}).get("wandb_run_id") or cfg.wandb_run_id,
+        # W&B: the run of the checkpoint continues (its id is stored there), or the sweep trial's, or a new one. A new
+        # branch is a new W&B run: W&B would drop the steps it logs again below the old run's last (see the README).
+        continued = None if branch else (state or {}).get("wandb_run_id")
+        run_id = tracking.start(cfg, out_dir, continued or cfg.wandb_run_id,
                                 name=cfg.wandb_name or f"{STAGE}-{cfg.config}")  # fmt: skip
 
     def checkpoint(epoch, batch_in_epoch):
@@ -176,8 +182,8 @@ def train(cfg, out_dir, device, rank, world_size, launcher):
                      "batch_in_epoch": batch_in_epoch, "step": step, "epoch_loss": global_epoch_loss / world_size,
                      "best_val_loss": best_val_loss, "settings": run_settings(cfg),
                      "totals": {**totals, "wall_time": totals["wall_time"] + time.perf_counter() - start},
-                     "threads": torch.get_num_threads(), "wandb_run_id": run_id}  # fmt: skip
-            path = checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last)
+                     "threads": torch.get_num_threads(), "data": data, "wandb_run_id": run_id}  # fmt: skip
+            path = checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last, keep=resumed_from)
         distributed.wait_for_all()  # no rank exits (and gets rank 0 killed by its launcher) before the file is saved
         return path
 
@@ -241,7 +247,7 @@ def train(cfg, out_dir, device, rank, world_size, launcher):
                 loss_sum, wait_sum, stops = distributed.sum_over_ranks(loss, window_wait, stop_signal is not None,
                                                                        device=device)  # fmt: skip
                 mean_loss, stop = loss_sum / world_size, stops > 0
-                raise_if_diverged(mean_loss, step, scheduler.get_last_lr()[0])
+                raise_if_diverged(mean_loss, step, scheduler.get_last_lr()[0], train_set.path.parent)
             # Every log_every steps of the run (the first step is timed apart, so counting the window's would shift)
             if window_steps and (step % cfg.log_every == 0 or end_of_epoch):
                 elapsed = time.perf_counter() - window_start
@@ -263,7 +269,7 @@ def train(cfg, out_dir, device, rank, world_size, launcher):
                 path = checkpoint(epoch, batch_index + 1)
             if stop:
                 log.info(f"{stop_signal or 'a stop signal to another process'} received: saved {path} at step {step}; "
-                         "run the same command to resume")  # fmt: skip
+                         f"{checkpoints.how_to_resume(cfg.resume)}")  # fmt: skip
                 add_scalars(writer, step, {})  # closes the event file
                 return None
 
@@ -323,8 +329,9 @@ def add_scalars(writer, step, scalars, image=None):
         writer.close()
 
 
-def raise_if_diverged(loss, step, lr):
+def raise_if_diverged(loss, step, lr, data_dir):
     if not math.isfinite(loss):
+        common.check_data_finite(data_dir)  # a NaN in the data is no matter of the learning rate
         raise common.UserError(f"the loss is {loss} at step {step}: training diverged at lr {lr:.2e}; try a smaller "
                                "--base_lr, another --lr_scaling, or more --warmup_epochs")  # fmt: skip
 

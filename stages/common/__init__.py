@@ -5,13 +5,23 @@ paths, device, logging, run summary, reading TensorBoard curves back, images). I
 no checkpointing, DataLoader settings, mixed precision, DDP, LR rules or W&B live here.
 """
 
-from .data import FieldDataset, check_data, data_dir_for, ensure_data, random_symmetry
+from .data import (
+    FieldDataset,
+    check_data,
+    check_data_finite,
+    data_dir_for,
+    data_identity,
+    ensure_data,
+    find_non_finite,
+    random_symmetry,
+)
 from .fields import PRESETS, generate, linear_baseline, relative_l2
 from .run import (
     REPO,
     UserError,
     choose_device,
     colorize,
+    cpu_threads,
     hardware,
     load_config,
     output_root,
@@ -33,12 +43,16 @@ __all__ = [
     "UNet",
     "UserError",
     "check_data",
+    "check_data_finite",
     "check_depth",
     "choose_device",
     "colorize",
+    "cpu_threads",
     "count_parameters",
     "data_dir_for",
+    "data_identity",
     "ensure_data",
+    "find_non_finite",
     "generate",
     "hardware",
     "linear_baseline",

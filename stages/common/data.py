@@ -2,13 +2,14 @@
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .fields import PRESETS, generate
+from .fields import PRESETS, fingerprint, generate
 from .run import UserError, output_root
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,24 @@ def ensure_data(preset, data_root=None, seed=0):
             generate(preset, folder, seed=seed, log=log.info)
         except OSError as error:
             raise UserError(f"cannot write data to {folder} ({error.strerror}): pass --data_root DIR") from None
-    meta = check_data(folder)
+    meta = check_data(folder, preset)
     if meta["seed"] != seed:
         raise UserError(f"{folder} holds data of seed {meta['seed']}, not {seed}: pass another --data_root")
+    if "fingerprint" not in meta:  # data generated before fingerprints existed: computed once, then stored
+        log.info(f"computing the fingerprint of the data in {folder} (once)")
+        meta["fingerprint"] = fingerprint(folder)
+        tmp = folder / f".meta.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(folder / "meta.json")
     return folder
 
 
-def check_data(folder):
-    """Raise a UserError naming the fix if the folder does not hold complete data."""
+def check_data(folder, preset=None):
+    """The data's description (meta.json), after checking that the folder holds complete data of `preset` (its
+    own description and the files' shapes); else a UserError naming the fix."""
     folder = Path(folder)
-    fix = f"delete it and run: python data/generate.py --preset {folder.name} --data_root {folder.parent}"
+    preset = preset or folder.name
+    fix = f"delete it and run: python data/generate.py --preset {preset} --data_root {folder.parent}"
     try:
         meta = json.loads((folder / "meta.json").read_text())
         for split in ("train", "val"):
@@ -50,7 +59,41 @@ def check_data(folder):
                 raise ValueError(f"{split}.npy has shape {array.shape}, expected {expected}")
     except (OSError, ValueError, KeyError) as error:
         raise UserError(f"data in {folder} are missing or corrupt ({error}); {fix}") from None
+    described = {"preset": meta.get("preset"), **{key: meta.get(key) for key in PRESETS.get(preset, {})}}
+    expected = {"preset": preset, **PRESETS.get(preset, {})}
+    if described != expected:
+        differences = ", ".join(f"{key} {described[key]} there" for key in expected if described[key] != expected[key])
+        raise UserError(f"{folder} does not hold preset {preset!r} ({differences}, {expected} expected); {fix}")
     return meta
+
+
+def data_identity(meta):
+    """What makes these data these data: stored in every checkpoint, compared when a run resumes."""
+    return {key: meta.get(key) for key in ("preset", "seed", "grid", "n_train", "n_val", "fingerprint")}
+
+
+def check_data_finite(folder):
+    """After a loss that is not finite: a UserError if the data themselves hold a NaN or an infinity, naming where
+    (a learning rate cannot fix that). Reads every file once: for that error, not for every start."""
+    where = find_non_finite(folder)
+    if where:
+        raise UserError(f"the data hold a value that is not a finite number ({where} in {folder}): they are corrupt, "
+                        f"not the training; delete the folder and generate them again (python data/generate.py "
+                        f"--preset {Path(folder).name} --data_root {Path(folder).parent})")  # fmt: skip
+
+
+def find_non_finite(folder):
+    """Where the data files hold a NaN or an infinity ('train.npy, sample 17, field delta'), or None."""
+    meta = json.loads((Path(folder) / "meta.json").read_text())
+    for split in ("train", "val"):
+        array = np.load(Path(folder) / f"{split}.npy", mmap_mode="r")
+        for first in range(0, len(array), 1024):
+            chunk = np.asarray(array[first : first + 1024])
+            bad = ~np.isfinite(chunk.reshape(len(chunk), 2, -1)).all(axis=-1)  # (sample, field): any value not finite
+            if bad.any():
+                sample, field = np.argwhere(bad)[0]
+                return f"{split}.npy, sample {first + sample}, field {meta['channels'][field]}"
+    return None
 
 
 class FieldDataset(Dataset):

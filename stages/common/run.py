@@ -24,23 +24,27 @@ class UserError(Exception):
     """Bad input: the stage prints this one line (it says what to do) and exits, with no traceback."""
 
 
-def load_config(config_file, argv=None, limits=None):
-    """Settings from a named config in config_file plus --key value overrides from the command line.
+def load_config(config_file, argv=None, limits=None, renamed=None, environment=None):
+    """Settings from a named config in config_file, then from environment variables, then from --key value
+    overrides on the command line (each later one wins).
 
     `default` holds every key; another named config changes some of them. `limits` maps a key to the
-    values it may take: ">= 1", "> 0" or a list of choices. Unknown names and keys, values of the wrong
-    type or out of range, and YAML errors are UserErrors that say what is valid. `~` and `$VARIABLES`
-    in text values are expanded."""
+    values it may take: ">= 1", "> 0" or a list of choices. `renamed` maps an earlier stage's name of a key
+    to this stage's, for the error; `environment` maps a key to the variable that may set it (W&B's own
+    WANDB_MODE, say). Unknown names and keys (abbreviations too: --num_epoch is not --num_epochs), values of
+    the wrong type or out of range, and YAML errors are UserErrors that say what is valid. `~` and
+    `$VARIABLES` in text values are expanded."""
     configs = read_configs(config_file)
     defaults = configs["default"]
-    parser = argparse.ArgumentParser(description=f"Named configs in {config_file}: {', '.join(configs)}.")
+    parser = argparse.ArgumentParser(description=f"Named configs in {config_file}: {', '.join(configs)}.",
+                                     allow_abbrev=False)  # fmt: skip
     parser.add_argument("--config", default="default", help="a named config: " + ", ".join(configs))
     for key, value in defaults.items():
         parser.add_argument(f"--{key}", type=str, help=f"(default: {value})")
     args, unknown = parser.parse_known_args(argv)
     valid_keys = "--config, " + ", ".join(f"--{key}" for key in defaults)
     if unknown:
-        raise UserError(f"unknown option {unknown[0]!r}; valid options are {valid_keys}")
+        raise UserError(unknown_option_message(unknown[0], renamed or {}, valid_keys))
     if args.config not in configs:
         raise UserError(f"unknown config {args.config!r} in {config_file}: choose one of {', '.join(configs)}")
     settings = dict(defaults)
@@ -48,12 +52,22 @@ def load_config(config_file, argv=None, limits=None):
         if key not in defaults:
             raise UserError(f"config {args.config!r} in {config_file} sets unknown key {key!r}; valid: {valid_keys}")
         settings[key] = value
+    for key, variable in (environment or {}).items():
+        if os.environ.get(variable) and getattr(args, key) is None:
+            settings[key] = parse_value(key, os.environ[variable], defaults[key])
     for key, text in vars(args).items():
         if key != "config" and text is not None:
             settings[key] = parse_value(key, text, defaults[key])
     for key, value in settings.items():
         settings[key] = check_value(key, value, defaults[key], (limits or {}).get(key))
     return SimpleNamespace(config=args.config, **settings)
+
+
+def unknown_option_message(option, renamed, valid_keys):
+    name = option.split("=")[0].removeprefix("--")
+    if name in renamed:
+        return f"--{name} is named --{renamed[name]} in this stage (see its README); valid options are {valid_keys}"
+    return f"unknown option {option!r} (options are spelled out in full); valid options are {valid_keys}"
 
 
 def read_configs(config_file):
@@ -183,16 +197,30 @@ def lock_folder(folder):
 
 
 def choose_device(name="auto"):
-    """CUDA if present, else the CPU; `name` may force one ('cpu', 'cuda', 'cuda:1')."""
+    """CUDA if present, else the CPU; `name` may force one ('cpu', 'cuda', 'cuda:1'). On the CPU, PyTorch
+    computes with cpu_threads() threads."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise UserError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no GPU is visible to PyTorch: use --device auto or cpu")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if name == "cpu":
+        torch.set_num_threads(cpu_threads())
     return torch.device(name)
+
+
+def cpu_threads():
+    """One thread per process, or OMP_NUM_THREADS if you set it: a fixed rule, never the machine's current load.
+    (PyTorch's default, one thread per core, spins while it waits for its slowest thread: with one core busy
+    elsewhere, a 2-thread run on 2 cores fell to 4-10 % of its speed. And the thread count changes the order
+    of the sums, so a bit-exact resume needs the same count: checkpoints store it.)"""
+    text = os.environ.get("OMP_NUM_THREADS", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"OMP_NUM_THREADS={text!r} is not a number of threads: unset it, or set it to 1 or more")
+    return int(text)
 
 
 def hardware(device):
