@@ -7,9 +7,10 @@ import shutil
 import pytest
 import torch
 
-from helpers import REPO, output_of, run_python, stage_module
+from helpers import REPO, SCRIPT_STAGES, output_of, run_python, stage_module
 
 STAGE = REPO / "stages" / "05_amp"
+TF32_STAGES = [stage for stage in SCRIPT_STAGES if "def use_tf32" in (stage / "train.py").read_text()]  # 05 on
 
 
 def train(out_dir, data_root, *extra):
@@ -34,21 +35,29 @@ def test_auto_precision_is_float32_on_a_cpu_and_each_name_maps_to_its_type():
     assert train_module.autocast_dtype("fp16", cpu) is torch.float16
 
 
-def test_the_tf32_switch_sets_what_this_torch_reads():
-    train_module = stage_module(STAGE)
-    new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
-    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) if new_api else None
-    try:
-        for enabled, word in [(False, "ieee"), (True, "tf32")]:
-            train_module.use_tf32(enabled)
-            if new_api:
-                assert torch.backends.cuda.matmul.fp32_precision == word
-                assert torch.backends.cudnn.conv.fp32_precision == word
-            else:
-                assert torch.backends.cuda.matmul.allow_tf32 is enabled and torch.backends.cudnn.allow_tf32 is enabled
-    finally:
-        if new_api:
-            torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+TF32_CHECK = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from train import use_tf32
+new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+for enabled in (False, True, False):
+    use_tf32(enabled)
+    assert torch.backends.cuda.matmul.allow_tf32 is enabled and torch.backends.cudnn.allow_tf32 is enabled, enabled
+    if new_api:
+        word = "tf32" if enabled else "ieee"
+        switches = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn]
+        assert [switch.fp32_precision for switch in switches] == [word] * 3, enabled
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("stage", TF32_STAGES, ids=[stage.name for stage in TF32_STAGES])
+def test_the_tf32_switch_sets_every_flag_both_apis_read(stage, tmp_path):
+    """Off, on and off again, in a fresh process (PyTorch's own defaults differ between the switches): the old
+    flags, which libraries still read, read back what was set (with the new switches only partly set, reading
+    them raised), and so do the new ones."""
+    result = run_python("-c", TF32_CHECK, stage, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", output_of(result)
 
 
 def test_fp16_resume_is_bit_exact_and_keeps_the_loss_scale(tmp_path, tiny_data):

@@ -40,11 +40,16 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def worker_count(num_workers):
     """-1 (auto): one worker per CPU this process may use (on Slurm, --cpus-per-task), less one for the
-    training loop, and at most 8 (bench_loader.py shows where more stops helping); else the number given."""
-    if num_workers != -1:
-        return num_workers
+    training loop, and at most 8 (bench_loader.py shows where more stops helping); else the number given, up to
+    4 per CPU. Each worker is a process with memory of its own: --num_workers 1000 started 1300 processes."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(8, cpus - 1)
+    if num_workers == -1:
+        return min(8, cpus - 1)
+    if num_workers > 4 * cpus:
+        raise common.UserError(f"--num_workers {num_workers}: this process may use {cpus} CPU(s), and more than "
+                               f"{4 * cpus} workers (4 per CPU) only compete for them, each with memory of its own: "
+                               "choose fewer, or -1 for one per CPU")  # fmt: skip
+    return num_workers
 
 
 def start_worker(parent_pid, worker_id):

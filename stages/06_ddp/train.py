@@ -66,13 +66,15 @@ def autocast_dtype(precision, device):
 
 def use_tf32(enabled):
     """TF32: float32 matrix products and convolutions on the tensor cores of an A100 or newer, with a 10-bit
-    mantissa. PyTorch 2.9 brought a new switch; Perlmutter's module may be older, so both are handled."""
+    mantissa. Every switch of both of PyTorch's APIs: the old allow_tf32 flags, then (PyTorch 2.9 and newer) the
+    fp32_precision ones. With only some of the new ones set, reading the old flags raises (PyTorch 2.14)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+        precision = "tf32" if enabled else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+        torch.backends.cudnn.rnn.fp32_precision = precision
 
 
 def run_settings(cfg):
