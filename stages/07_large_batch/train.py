@@ -37,6 +37,7 @@ LIMITS = {"data_preset": list(common.PRESETS), "seed": ">= 0", "base_channels": 
           "num_epochs": ">= 1", "log_every": ">= 1", "checkpoint_every": ">= 1", "keep_last": ">= 1",
           "signal_at_step": ">= 0", "num_workers": ">= -1", "prefetch_factor": ">= 1",
           "precision": ["auto", "fp32", "bf16", "fp16"], "ddp_timeout_s": "> 0"}  # fmt: skip
+RENAMED = {"lr": "base_lr", "batch_size": "global_batch_size"}  # stage 06's names, for the error that names ours
 # Settings a resumed run may change. All the others define the run: a checkpoint resumes only with the same.
 # (The loader's settings change how fast batches come, never what is in them: see tests/test_data_loading.py.
 # compile changes how the same arithmetic runs; precision and tf32 change the arithmetic, so they define the run.
@@ -335,7 +336,7 @@ def format_seconds(seconds):
 
 
 def main(argv=None):
-    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv, LIMITS)
+    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv, LIMITS, RENAMED)
     rank, local_rank, world_size, launcher = distributed.launcher_place()
     if cfg.global_batch_size % world_size:
         raise common.UserError(f"--global_batch_size {cfg.global_batch_size} is shared by {world_size} processes: "

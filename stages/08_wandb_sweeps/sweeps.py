@@ -5,9 +5,11 @@
     python stages/08_wandb_sweeps/sweeps.py grid sweep.yaml --index 3   # train.py's arguments for point 3, offline
 
 A trial's settings come from the W&B agent, as `--key=value` arguments, to one process (rank 0); rank 0 sends
-them to every rank. Before training, rank 0 saves them in a trial file named after the Slurm job. A requeued job
-(the same job id) finds that file and trains the same trial again, from its own checkpoint, instead of asking
-the agent, which would hand out a new trial: W&B cannot resume a run inside a sweep.
+them to every rank. Before training, rank 0 saves them in a trial file named after the Slurm job, with the W&B
+variables the agent set for it (the sweep, its project and entity, the run id). A requeued job (the same job id)
+finds that file and trains the same trial again, from its own checkpoint, instead of asking the agent, which
+would hand out a new trial; it sets those variables again, so that the trial's W&B run continues in the sweep's
+project, as inside the agent (there, wandb.init ignores its own project, entity and id arguments).
 """
 
 import argparse
@@ -27,6 +29,8 @@ sys.path.insert(0, str(STAGE.parent))  # find `common` from any working director
 import common
 
 SHORT_NAMES = {"base_lr": "lr", "global_batch_size": "gbs"}  # trial names such as lr1e-3_gbs256
+# What `wandb agent` sets for the trial it starts (wandb/wandb_agent.py), which a requeued trial needs again
+AGENT_VARIABLES = ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_ENTITY")
 
 
 def trial_name(arguments):
@@ -70,8 +74,27 @@ def new_trial(arguments):
     path = trial_file(sweep_id, os.environ.get("SLURM_JOB_ID", run_id))
     out_dir = sweep_folder(sweep_id) / f"{name}-{run_id}"
     extra = ["--out_dir", str(out_dir), "--wandb_run_id", run_id, "--wandb_name", name, "--trial_file", str(path)]
-    trial = {"sweep_id": sweep_id, "run_id": run_id, "name": name, "arguments": settings + extra}
+    wandb_variables = {name: os.environ[name] for name in AGENT_VARIABLES if name in os.environ}
+    trial = {"sweep_id": sweep_id, "run_id": run_id, "name": name, "arguments": settings + extra,
+             "wandb": wandb_variables}  # fmt: skip
     write_trial(path, trial)
+    return trial
+
+
+def read_trial(path):
+    """A trial file, whole, or a UserError that says what is wrong with it and what to do."""
+    fix = ("it is written when the W&B agent starts a trial; to let the job ask the agent for a new trial instead, "
+           "move it away and submit again")  # fmt: skip
+    try:
+        trial = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise common.UserError(f"the sweep trial file {path} is missing: {fix}") from None
+    except (OSError, ValueError) as error:
+        raise common.UserError(f"the sweep trial file {path} cannot be read ({error}): {fix}") from None
+    missing = [key for key in ("sweep_id", "run_id", "name", "arguments", "wandb") if key not in trial]
+    if missing or not isinstance(trial.get("arguments"), list):
+        raise common.UserError(f"the sweep trial file {path} is incomplete (no {', '.join(missing) or 'arguments'}): "
+                               f"{fix}")  # fmt: skip
     return trial
 
 
@@ -88,8 +111,9 @@ def this_trial(cfg, arguments, rank):
     sends it to the others."""
     trial = None
     if rank == 0 and cfg.trial_file:
-        trial = {**json.loads(Path(cfg.trial_file).read_text()), "exit_code": None}
+        trial = {**read_trial(cfg.trial_file), "exit_code": None}
         write_trial(Path(cfg.trial_file), trial)  # this attempt has not ended yet
+        os.environ.update(trial["wandb"])  # the trial's W&B run continues in its sweep, as inside the agent
     elif rank == 0 and "WANDB_SWEEP_ID" in os.environ:
         trial = new_trial(arguments)
     if dist.is_initialized():
@@ -102,13 +126,16 @@ def this_trial(cfg, arguments, rank):
 def record_exit_code(cfg, code):
     """Rank 0, at the end of an attempt: 0 finished, 3 stopped early to be resumed (the job requeues itself)."""
     if cfg.trial_file:
-        write_trial(Path(cfg.trial_file), {**json.loads(Path(cfg.trial_file).read_text()), "exit_code": code})
+        write_trial(Path(cfg.trial_file), {**read_trial(cfg.trial_file), "exit_code": code})
 
 
 def run_task(sweep_id):
     """What each srun task of a sweep job runs. Rank 0: at the job's first start, the W&B agent, for one trial
     (it starts train.py with the trial's arguments); after a requeue, train.py on that job's trial. The others:
     train.py, which waits for rank 0 to send the trial."""
+    if sweep_id.count("/") != 2:
+        raise common.UserError(f"sweep {sweep_id!r}: give it as <entity>/<project>/<sweep_id>, as `wandb sweep` "
+                               "prints it: its trials then log to the sweep's project, whatever your defaults")
     train = [sys.executable, str(STAGE / "train.py")]
     if os.environ.get("SLURM_PROCID", "0") != "0":
         os.execv(sys.executable, train)
@@ -120,19 +147,33 @@ def run_task(sweep_id):
     # process, which waits for it) must not die of them. Ignoring is inherited; train.py sets its own handlers.
     for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
-    agent = subprocess.run(["wandb", "agent", "--count", "1", sweep_id])
+    # The agent writes wandb/sweep-<id>/ under WANDB_DIR, else in the working directory (the repository): keep it
+    # in the sweep's folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    agent = subprocess.run(["wandb", "agent", "--count", "1", sweep_id],
+                           env={**os.environ, "WANDB_DIR": str(sweep_folder(sweep_id))})  # fmt: skip
     if not path.exists():
         sys.exit(f"error: the W&B agent (exit code {agent.returncode}) started no trial of sweep {sweep_id}: "
                  "is the sweep finished or stopped? (its page on W&B says)")  # fmt: skip
-    code = json.loads(path.read_text()).get("exit_code")
+    code = read_trial(path).get("exit_code")
     sys.exit(1 if code is None else code)  # the trial's own exit code (the agent's says nothing of it)
 
 
 def grid_points(sweep_file):
-    """Every point of a grid sweep's parameters, in a fixed order: [{key: value}]."""
-    parameters = yaml.safe_load(Path(sweep_file).read_text())["parameters"]
-    keys = list(parameters)
-    values = [parameters[key]["values"] if "values" in parameters[key] else [parameters[key]["value"]] for key in keys]
+    """Every point of a grid sweep's parameters, in a fixed order: [{key: value}]. A file that is not such a sweep
+    is a UserError that says what is wrong."""
+    try:
+        parameters = yaml.safe_load(Path(sweep_file).read_text())["parameters"]
+        keys = list(parameters)
+        values = [parameters[key]["values"] if "values" in parameters[key] else [parameters[key]["value"]]
+                  for key in keys]  # fmt: skip
+    except (OSError, yaml.YAMLError) as error:
+        raise common.UserError(f"cannot read the sweep file {sweep_file} ({str(error).splitlines()[0]})") from None
+    except (KeyError, TypeError, AttributeError) as error:
+        raise common.UserError(f"{sweep_file} is not a grid sweep (found no {error}): it needs `parameters:`, each "
+                               "with `values: [...]` or `value: ...`, as sweep.yaml has") from None  # fmt: skip
+    if any(not isinstance(value, list) or not value for value in values):
+        raise common.UserError(f"{sweep_file}: every parameter needs a non-empty list of `values:`, or a `value:`")
     return [dict(zip(keys, point)) for point in itertools.product(*values)]
 
 

@@ -1,9 +1,9 @@
 """Weights & Biases for train.py (stage 08's concept), on rank 0 only: choose the mode before anything waits on a
 network, start or continue the run, log metrics against an explicit step, and finish.
 
-Modes: online when there are credentials and the server answers; offline when there are none, when the server
-does not answer, or when WANDB_MODE=offline (the run is written to disk, for `wandb sync` later); disabled by
-config. Nothing here prompts: with no credentials it says so and goes offline.
+Modes (--wandb_mode, or W&B's own WANDB_MODE): auto is online when there are credentials and the server answers
+in time, else offline (the run is written to disk, for `wandb sync` later); online, offline and disabled are
+what they say. Nothing here prompts: with no credentials it says so and goes offline.
 
 Later stages copy this file unchanged.
 """
@@ -21,6 +21,7 @@ import common
 
 log = logging.getLogger(__name__)
 SERVER_TIMEOUT_S = 5  # how long the server may take to accept a connection before the run goes offline
+INIT_TIMEOUT_S = 90  # wandb's own default wait for the server's answer to wandb.init (WANDB_INIT_TIMEOUT changes it)
 run = None  # the W&B run of this process (rank 0), or None
 image_every, next_image_step = 1, 0  # prediction images: one at the first validation after every image_every steps
 
@@ -33,7 +34,20 @@ def server_url():
     return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
 
 
-def why_not_online(url):
+def check_names(cfg, run_id=None):
+    """Refuse a project name or run id that W&B would refuse, before anything starts (W&B's own check)."""
+    if cfg.wandb_mode == "disabled":
+        return
+    import wandb
+
+    try:
+        wandb.Settings(project=cfg.wandb_project, run_id=run_id or cfg.wandb_run_id)
+    except wandb.errors.UsageError as error:
+        raise common.UserError(f"W&B refuses these settings ({str(error).splitlines()[0]}): choose another "
+                               "--wandb_project or --wandb_run_id") from None  # fmt: skip
+
+
+def why_not_online(url, timeout_s):
     """None if a run can go online: credentials for the server, which accepts a connection; else the reason."""
     host = urlparse(url).hostname
     has_key = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE")
@@ -45,17 +59,20 @@ def why_not_online(url):
         return "no W&B credentials here (run `wandb login` once, or set WANDB_API_KEY)"
     port = urlparse(url).port or (443 if urlparse(url).scheme == "https" else 80)
     try:
-        socket.create_connection((host, port), timeout=SERVER_TIMEOUT_S).close()
+        socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as error:
         return f"the W&B server {host} does not answer from this node ({error.strerror or error})"
     return None
 
 
-def start(cfg, out_dir, run_id=None, name=None):
-    """Start (or, with the run_id of a checkpoint, continue) this process's W&B run; return its id, or None when
-    W&B is disabled. Its files go to out_dir/wandb, beside the checkpoints, never into the repository or home."""
+def start(cfg, out_dir, run_id=None, name=None, time_limit_s=INIT_TIMEOUT_S):
+    """Start (or, with the run_id of a checkpoint, continue) this process's W&B run, within about time_limit_s;
+    return its id, or None when W&B is disabled. Its files go to out_dir/wandb, beside the checkpoints, never into
+    the repository or home."""
     global run, image_every
     if cfg.wandb_mode == "disabled":
+        from_environment = os.environ.get("WANDB_MODE") == "disabled"
+        log.info(f"W&B disabled{' (WANDB_MODE=disabled in the environment)' if from_environment else ''}")
         return None
     image_every = cfg.wandb_image_every
     os.environ.setdefault("WANDB_DIR", str(out_dir))
@@ -63,15 +80,17 @@ def start(cfg, out_dir, run_id=None, name=None):
     os.environ.setdefault("WANDB_DATA_DIR", str(common.output_root("wandb", default=Path("runs/wandb")) / "data"))
     import wandb
 
-    mode = "offline" if cfg.wandb_mode == "offline" or os.environ.get("WANDB_MODE") == "offline" else "online"
-    problem = why_not_online(server_url()) if mode == "online" else None
+    mode = "offline" if cfg.wandb_mode == "offline" else "online"
+    server_timeout_s = min(SERVER_TIMEOUT_S, time_limit_s / 4)
+    problem = why_not_online(server_url(), server_timeout_s) if mode == "online" else None
     if problem and cfg.wandb_mode == "online":
         raise common.UserError(f"--wandb_mode online, but {problem}: fix that, or use --wandb_mode auto or offline")
     if problem:
         log.warning(f"W&B: {problem}: logging offline to {out_dir / 'wandb'}")
         mode = "offline"
-    # Online: an answer within 60 s (or WANDB_INIT_TIMEOUT, if set), or an error.
-    settings = wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)), silent=True)
+    # Online: an answer within W&B's 90 s (or WANDB_INIT_TIMEOUT), and at most half of time_limit_s, or an error.
+    init_timeout_s = min(float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S)), time_limit_s / 2)
+    settings = wandb.Settings(init_timeout=init_timeout_s, silent=True)
     try:
         run, failure = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group,
                                   name=name, id=run_id, resume="allow", config=vars(cfg), mode=mode, dir=out_dir,

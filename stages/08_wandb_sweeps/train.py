@@ -38,6 +38,10 @@ LIMITS = {"data_preset": list(common.PRESETS), "seed": ">= 0", "base_channels": 
           "signal_at_step": ">= 0", "num_workers": ">= -1", "prefetch_factor": ">= 1",
           "precision": ["auto", "fp32", "bf16", "fp16"], "ddp_timeout_s": "> 0",
           "wandb_mode": ["auto", "online", "offline", "disabled"], "wandb_image_every": ">= 1"}  # fmt: skip
+RENAMED = {"lr": "base_lr", "batch_size": "global_batch_size"}  # stage 06's names, for the error that names ours
+# W&B's own environment variables set these settings too (the command line wins over them, they over config.yaml)
+WANDB_VARIABLES = {"wandb_mode": "WANDB_MODE", "wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY",
+                   "wandb_group": "WANDB_RUN_GROUP", "wandb_name": "WANDB_NAME", "wandb_run_id": "WANDB_RUN_ID"}
 # Settings a resumed run may change. All the others define the run: a checkpoint resumes only with the same.
 # (The loader's settings change how fast batches come, never what is in them: see tests/test_data_loading.py.
 # compile changes how the same arithmetic runs; precision and tf32 change the arithmetic, so they define the run.
@@ -170,8 +174,9 @@ def train(cfg, out_dir, device, rank, world_size, launcher):
         # W&B: the run of the checkpoint continues (its id is stored there), or the sweep trial's, or a new one. A new
         # branch is a new W&B run: W&B would drop the steps it logs again below the old run's last (see the README).
         continued = None if branch else (state or {}).get("wandb_run_id")
-        run_id = tracking.start(cfg, out_dir, continued or cfg.wandb_run_id,
-                                name=cfg.wandb_name or f"{STAGE}-{cfg.config}")  # fmt: skip
+        # (Meanwhile the other ranks wait in a collective: W&B gets half of its timeout to start online.)
+        run_id = tracking.start(cfg, out_dir, continued or cfg.wandb_run_id, cfg.wandb_name or f"{STAGE}-{cfg.config}",
+                                time_limit_s=cfg.ddp_timeout_s / 2)  # fmt: skip
 
     def checkpoint(epoch, batch_in_epoch):
         # Each rank's running sum of its losses: summed over the ranks, an equal share of it stored for each
@@ -344,7 +349,7 @@ def format_seconds(seconds):
 
 def main(argv=None):
     config_file = Path(__file__).with_name("config.yaml")
-    cfg = common.load_config(config_file, argv, LIMITS)
+    cfg = common.load_config(config_file, argv, LIMITS, RENAMED, WANDB_VARIABLES)
     rank, local_rank, world_size, launcher = distributed.launcher_place()
     device = distributed.device_for(cfg.device, local_rank)
     distributed.start(launcher, rank, world_size, device, cfg.ddp_timeout_s)
@@ -352,7 +357,8 @@ def main(argv=None):
     # rank gets them from rank 0, and trains them.
     trial = sweeps.this_trial(cfg, sys.argv[1:] if argv is None else argv, rank)
     if trial:
-        cfg = common.load_config(config_file, trial["arguments"], LIMITS)
+        cfg = common.load_config(config_file, trial["arguments"], LIMITS, RENAMED, WANDB_VARIABLES)
+    tracking.check_names(cfg)  # on every rank: a name W&B would refuse stops them all, before they start
     if cfg.global_batch_size % world_size:
         raise common.UserError(f"--global_batch_size {cfg.global_batch_size} is shared by {world_size} processes: "
                                f"choose a multiple of {world_size}")  # fmt: skip

@@ -52,9 +52,13 @@ def load_config(config_file, argv=None, limits=None, renamed=None, environment=N
         if key not in defaults:
             raise UserError(f"config {args.config!r} in {config_file} sets unknown key {key!r}; valid: {valid_keys}")
         settings[key] = value
-    for key, variable in (environment or {}).items():
+    for key, variable in (environment or {}).items():  # the command line wins over the environment
         if os.environ.get(variable) and getattr(args, key) is None:
-            settings[key] = parse_value(key, os.environ[variable], defaults[key])
+            try:
+                settings[key] = check_value(key, parse_value(key, os.environ[variable], defaults[key]), defaults[key],
+                                            (limits or {}).get(key))  # fmt: skip
+            except UserError as error:
+                raise UserError(f"{variable}={os.environ[variable]} in the environment sets --{key}: {error}") from None
     for key, text in vars(args).items():
         if key != "config" and text is not None:
             settings[key] = parse_value(key, text, defaults[key])
