@@ -66,6 +66,9 @@ ReturnToService=2
 # Reject impossible requests at once, as Perlmutter does, instead of queueing them forever.
 EnforcePartLimits=ALL
 MpiDefault=none
+# A task that exits with a non-zero code makes srun kill the step's other tasks. Perlmutter's setting of this is not
+# documented; the harsher one here shows that the submit scripts do not depend on it (they pass --kill-on-bad-exit).
+KillOnBadExit=1
 # Start jobs as soon as they can run, not up to 3 s after their submission or
 # up to 60 s after a requeued job may run again.
 SchedulerParameters=batch_sched_delay=0,sched_interval=1

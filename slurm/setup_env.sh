@@ -32,7 +32,7 @@ case "$TUTORIAL_ENV" in
     export FI_MR_CACHE_MONITOR=userfaultfd
     # Pass Slurm's and the tutorial's variables into the container, and mount the repo and $SCRATCH.
     TUTORIAL_PYTHON=(podman-hpc run --rm --gpu --nccl --ipc=host --network=host
-      -e 'SLURM_*' -e 'MASTER_*' -e OMP_NUM_THREADS -e FI_MR_CACHE_MONITOR -e SCRATCH -v "$PWD:$PWD" -w "$PWD")
+      -e 'SLURM_*' -e 'MASTER_*' -e 'TUTORIAL_*' -e OMP_NUM_THREADS -e FI_MR_CACHE_MONITOR -e SCRATCH -v "$PWD:$PWD" -w "$PWD")
     if [[ -n "${SCRATCH:-}" ]]; then
       TUTORIAL_PYTHON+=(-v "$SCRATCH:$SCRATCH")
     fi

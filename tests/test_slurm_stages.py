@@ -14,6 +14,7 @@ import common
 from helpers import REPO, SCRIPT_STAGES, output_of, run_python, stage_module
 from slurm_fixture import FINISHED, job_field, submit, wait_for_job
 from test_checkpoint import assert_same_weights, final_weights
+from wandb_files import run_files, run_record
 
 # Stage 02's script (one GPU, shared QOS) and the newest stage's run on Slurm. Stage 03 adds the requeue, which
 # every later stage copies (tests/test_docs.py checks the copies); it is run below with the newest stage, whose
@@ -62,9 +63,9 @@ def test_submit_from_elsewhere_says_where_to_submit(local_slurm, tmp_path):
     assert "submit from the repository root" in (tmp_path / "out.txt").read_text()
 
 
-def submit_and_wait_for_step(env, out_dir, arguments, step):
+def submit_and_wait_for_step(env, out_dir, arguments, step, script="submit_pm.sh", options=()):
     """Submit the newest stage's script from the repository root; return its job id once it has logged `step`."""
-    job_id = submit(env, "-A", "tutorial", f"--chdir={REPO}", NEWEST.relative_to(REPO) / "submit_pm.sh",
+    job_id = submit(env, "-A", "tutorial", *options, f"--chdir={REPO}", NEWEST.relative_to(REPO) / script,
                     *map(str, arguments), "--out_dir", str(out_dir))  # fmt: skip
     log = out_dir / "train.log"
     deadline = time.monotonic() + 180
@@ -176,28 +177,50 @@ def test_the_trap_requeues_only_a_run_that_stopped_early(train_exit, requeued, t
 
 
 @pytest.mark.skipif(not (NEWEST / "submit_pm_torchrun.sh").exists(), reason="from stage 06 on")
-def test_the_torchrun_variant_runs_four_processes_from_one_task(local_slurm, tmp_path, tiny_data):
-    """submit_pm_torchrun.sh: one task on the node, whose torchrun starts one process per (fake) GPU."""
+def test_the_torchrun_variant_checkpoints_requeues_and_resumes_bit_exact(local_slurm, tmp_path, tiny_data):
+    """submit_pm_torchrun.sh: one task on the node, whose torchrun starts one process per (fake) GPU (2 here, asked
+    with --gpus-per-node=2, so that resume is bit-exact, as tests/test_ddp.py shows for 2 processes). The time-limit
+    signal reaches the processes through torchrun (--signals-to-handle); they checkpoint and stop, torchrun exits
+    with its own code, the job requeues itself and ends with the weights of an uninterrupted 2-process run."""
+    arguments = ["--config", "test", "--num_epochs", "6", "--data_root", tiny_data]
+    reference = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", NEWEST / "train.py",
+                           *arguments, "--out_dir", tmp_path / "reference", cwd=tmp_path)  # fmt: skip
+    assert reference.returncode == 0, output_of(reference)
     env = {**local_slurm, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{local_slurm['PATH']}"}
     out_dir = tmp_path / "run"
-    code, output = sbatch_wait(env, "-A", "tutorial", NEWEST.relative_to(REPO) / "submit_pm_torchrun.sh",
-                               "--config", "test", "--data_root", tiny_data, "--out_dir", out_dir)  # fmt: skip
-    assert code == 0, output
-    summary = common.read_summary(out_dir)
-    assert summary["world_size"] == 4 and "launcher torchrun" in output and "rendezvous" in output, output
+    job_id = submit_and_wait_for_step(env, out_dir, arguments, 16, "submit_pm_torchrun.sh", ["--gpus-per-node=2"])
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+    state = wait_for_job(env, job_id, timeout=240)
+    output = job_output(job_id, name=f"{NEWEST.name}_torchrun")
+    assert state == "COMPLETED" and job_field(env, job_id, "Restarts") == "1", output
+    assert "launcher torchrun" in output and "SIGUSR1 received: saved" in output and "requeueing job" in output, output
+    assert "resuming from" in output.split("restart 1")[1], output
+    assert common.read_summary(out_dir)["world_size"] == 2
+    assert_same_weights(final_weights(out_dir), final_weights(tmp_path / "reference"))
 
 
 FAKE_AGENT = """#!{python}
-# Stands in for `wandb agent --count 1 <sweep id>` as the W&B agent hands out a trial: it starts the sweep's
-# command, train.py with the trial's --key=value arguments and WANDB_SWEEP_ID and WANDB_RUN_ID set, waits for
-# it, and exits 0 whatever the trial's exit code. Each call is recorded.
+# Stands in for `wandb agent --count 1 <entity>/<project>/<sweep id>` as wandb 0.31's agent (wandb/wandb_agent.py)
+# hands out one trial: it sets WANDB_ENTITY and WANDB_PROJECT from the sweep's path, WANDB_SWEEP_ID (the bare id),
+# WANDB_DIR (the working directory, unless set), WANDB_RUN_ID, and WANDB_SWEEP_PARAM_PATH (the trial's parameters,
+# written to <WANDB_DIR>/wandb/sweep-<id>/config-<run id>.yaml); then it runs the sweep's command,
+# `/usr/bin/env python <program> --key=value...`, in its working directory, and exits 0 whatever the trial's exit
+# code. Each call is recorded.
 import os, subprocess, sys
 assert sys.argv[1:4] == ["agent", "--count", "1"], sys.argv
 with open(os.environ["FAKE_AGENT_CALLS"], "a") as calls:
     calls.write(" ".join(sys.argv[1:]) + "\\n")
-env = {{**os.environ, "WANDB_SWEEP_ID": sys.argv[4], "WANDB_RUN_ID": os.environ["FAKE_RUN_ID"]}}
-command = [sys.executable, "stages/08_wandb_sweeps/train.py", *os.environ["FAKE_TRIAL_ARGUMENTS"].split()]
-subprocess.run(command, env=env)
+entity, project, sweep_id = sys.argv[4].split("/")
+run_id = os.environ["FAKE_RUN_ID"]
+arguments = os.environ["FAKE_TRIAL_ARGUMENTS"].split()
+os.environ.update(WANDB_ENTITY=entity, WANDB_PROJECT=project, WANDB_SWEEP_ID=sweep_id)
+os.environ.setdefault("WANDB_DIR", os.getcwd())
+parameters = os.path.join(os.environ["WANDB_DIR"], "wandb", f"sweep-{{sweep_id}}", f"config-{{run_id}}.yaml")
+os.makedirs(os.path.dirname(parameters), exist_ok=True)
+with open(parameters, "w") as file:
+    file.write("".join(f"{{a[2:].split('=')[0]}}:\\n  value: {{a.split('=', 1)[1]}}\\n" for a in arguments))
+os.environ.update(WANDB_RUN_ID=run_id, WANDB_SWEEP_PARAM_PATH=parameters)
+subprocess.run(["/usr/bin/env", "python", "stages/08_wandb_sweeps/train.py", *arguments])
 """
 
 
@@ -218,8 +241,10 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
     path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), local_slurm["PATH"]])
     # TUTORIAL_ENV=none: the Python first on PATH (this one), and no venv activation that would put the real
     # wandb ahead of the stand-in.
+    # The user's own W&B defaults differ from the sweep's project and entity: the trial must log to the sweep's.
     env = {**local_slurm, "PATH": path, "TUTORIAL_ENV": "none", "WANDB_MODE": "offline", "FAKE_AGENT_CALLS": str(calls),
-           "FAKE_RUN_ID": "trial42", "FAKE_TRIAL_ARGUMENTS": trial_arguments}  # fmt: skip
+           "FAKE_RUN_ID": "trial42", "FAKE_TRIAL_ARGUMENTS": trial_arguments, "WANDB_PROJECT": "my-default-project",
+           "WANDB_ENTITY": "my-default-entity"}  # fmt: skip
     sweeps = stage_module(NEWEST, "sweeps")
     name = sweeps.trial_name(trial_arguments.split())  # num_epochs6_lr1e-3_gbs64
     trial_dir = sweeps.sweep_folder("me/project/fakesweep") / f"{name}-trial42"
@@ -241,6 +266,11 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
     assert summary["world_size"] == 4 and summary["steps"] == 48 and summary["settings"]["base_lr"] == 0.001
     trial = json.loads((sweeps.sweep_folder("me/project/fakesweep") / "trials" / f"{job_id}.json").read_text())
     assert trial["exit_code"] == 0 and trial["name"] == name == "num_epochs6_lr1e-3_gbs64"
-    pieces = sorted((trial_dir / "wandb").glob("offline-run-*-trial42"))
+    pieces = run_files(trial_dir)
     assert len(pieces) == 2, "the first attempt and the continued one, both of the trial's W&B run"
+    for piece in pieces:  # the requeued one too, though no agent set the variables then
+        run = run_record(piece)
+        assert (run["id"], run["project"], run["entity"], run["sweep_id"]) == ("trial42", "project", "me", "fakesweep")
+    assert not (REPO / "wandb").exists(), "the agent's files are in the sweep's folder, not in the repository"
+    assert list(sweeps.sweep_folder("me/project/fakesweep").glob("wandb/sweep-fakesweep/config-trial42.yaml"))
     print(output)  # the job's log, for the record

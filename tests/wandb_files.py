@@ -53,10 +53,11 @@ def history(path):
 
 
 def run_record(path):
-    """The run's id, name, group and config, as written when it started."""
+    """The run's id, name, group, config, project, entity and sweep, as written when it started."""
     for record in records(path):
         if record.WhichOneof("record_type") == "run":
             run = record.run
             config = {item.key: json.loads(item.value_json) for item in run.config.update}
-            return {"id": run.run_id, "name": run.display_name, "group": run.run_group, "config": config}
+            return {"id": run.run_id, "name": run.display_name, "group": run.run_group, "config": config,
+                    "project": run.project, "entity": run.entity, "sweep_id": run.sweep_id}
     raise AssertionError(f"no run record in {path}")

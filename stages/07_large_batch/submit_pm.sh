@@ -37,6 +37,13 @@ export MASTER_ADDR
 export MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))
 # One CPU thread per process, as torchrun sets: the GPU computes, and the data workers are processes of their own.
 export OMP_NUM_THREADS=1
+# Each process next to its GPU. A Perlmutter GPU node's 64 cores form 4 NUMA domains of 16, and GPU 3 is attached
+# to the first, GPU 0 to the last (NERSC's multi-GPU examples reverse the GPU order for this: NERSC/sc23-dl-tutorial
+# submit_pm_dp.sh). srun binds task r to the cores of domain r (--cpu-bind=cores, below), and TUTORIAL_GPU_ORDER makes
+# the process of local rank r take GPU 3-r (distributed.py); each process prints its GPU and CPUs. (Slurm sets
+# CUDA_VISIBLE_DEVICES again for every srun step, so NERSC's export of it does not reach the tasks. Written from
+# NERSC's documentation; not run on Perlmutter.)
+export TUTORIAL_GPU_ORDER=3,2,1,0
 
 # Near the time limit: let train.py checkpoint at its next step, then put this job back in the queue.
 # The requeued job runs this script again, and train.py resumes from the newest checkpoint.
@@ -55,7 +62,9 @@ trap checkpoint_and_requeue USR1
 
 echo "$(date +%T) job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, $SLURM_NTASKS processes, master $MASTER_ADDR:$MASTER_PORT"
 # srun starts one process per task (4 per node); they find their rank in SLURM_PROCID. srun runs in the
-# background and the shell waits for it: a trap runs only once `wait` is interrupted.
-srun --wait=30 "${TUTORIAL_PYTHON[@]}" stages/07_large_batch/train.py "$@" &
+# background and the shell waits for it: a trap runs only once `wait` is interrupted. When one process ends, srun
+# ends the others 30 s later (--wait=30: a dead rank ends the job); --kill-on-bad-exit=0 keeps it from killing them at
+# once, mid-save, when the first one exits with the 3 of a time-limit stop (whatever the cluster's KillOnBadExit).
+srun --wait=30 --kill-on-bad-exit=0 --cpu-bind=cores "${TUTORIAL_PYTHON[@]}" stages/07_large_batch/train.py "$@" &
 train_pid=$!
 wait "$train_pid"

@@ -15,6 +15,7 @@ Later stages copy this file unchanged. (How each process takes its share of ever
 import datetime
 import logging
 import os
+import socket
 import subprocess
 import time
 
@@ -66,13 +67,41 @@ def ensure_data_once(preset, data_root, rank):
 
 
 def device_for(name, local_rank):
-    """Each process on a node takes its own GPU: local rank modulo the GPUs it sees (with --gpus-per-task 1 or
-    --gpu-bind, each process sees one). On a CPU every process uses the CPU."""
+    """Each process on a node takes its own GPU (gpu_index); on a CPU every process uses the CPU. Each prints
+    where it runs: its rank, its GPU and the CPUs it may use, so that a job's log shows every GPU in use."""
     device = common.choose_device(name)
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", gpu_index(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(device)
+    gpu = f"GPU {device.index} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "the CPU"
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    print(f"rank {launcher_place()[0]} (local rank {local_rank}) on {socket.gethostname()}: {gpu}, CPUs "
+          f"{cpu_ranges(cpus)}", flush=True)  # fmt: skip
     return device
+
+
+def gpu_index(local_rank, gpu_count):
+    """The CUDA device of the process with this local rank: its local rank, counted in TUTORIAL_GPU_ORDER when the
+    job script sets it. On a Perlmutter GPU node, GPU 3 is nearest the first 16 cores, where srun places rank 0, and
+    GPU 0 the last 16: submit_pm.sh sets 3,2,1,0, as NERSC's examples reverse CUDA_VISIBLE_DEVICES. (Slurm sets
+    CUDA_VISIBLE_DEVICES again for every srun step, so that is not where the order can go.)"""
+    text = os.environ.get("TUTORIAL_GPU_ORDER", "")
+    order = [int(index) for index in text.split(",") if index.strip().isdigit()] if text else list(range(gpu_count))
+    if sorted(order) != list(range(gpu_count)):
+        raise common.UserError(f"TUTORIAL_GPU_ORDER={text} does not list each of the {gpu_count} GPUs this process "
+                               f"sees once: list 0 to {gpu_count - 1} in any order, or unset it")  # fmt: skip
+    return order[local_rank % gpu_count]
+
+
+def cpu_ranges(cpus):
+    """[0, 1, 2, 3, 8, 9] -> '0-3,8-9'"""
+    ranges = []
+    for cpu in cpus:
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(f"{first}-{last}" if last > first else f"{first}" for first, last in ranges) or "?"
 
 
 def start(launcher, rank, world_size, device, timeout_s):

@@ -32,6 +32,8 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 export MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))
 export OMP_NUM_THREADS=1
+# Each process next to its GPU (see submit_pm.sh)
+export TUTORIAL_GPU_ORDER=3,2,1,0
 # This point's train.py arguments, one per line: its settings, and a folder named after them, so that a
 # requeued task resumes its own point.
 arguments=$("${TUTORIAL_PYTHON[@]}" stages/08_wandb_sweeps/sweeps.py grid stages/08_wandb_sweeps/sweep.yaml \
@@ -52,6 +54,7 @@ checkpoint_and_requeue() {
 trap checkpoint_and_requeue USR1
 
 echo "$(date +%T) job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, grid point ${SLURM_ARRAY_TASK_ID:-0}: ${point[*]}"
-srun --wait=30 "${TUTORIAL_PYTHON[@]}" stages/08_wandb_sweeps/train.py "${point[@]}" "$@" &
+# --wait=30, --kill-on-bad-exit=0: as in submit_pm.sh
+srun --wait=30 --kill-on-bad-exit=0 --cpu-bind=cores "${TUTORIAL_PYTHON[@]}" stages/08_wandb_sweeps/train.py "${point[@]}" "$@" &
 train_pid=$!
 wait "$train_pid"

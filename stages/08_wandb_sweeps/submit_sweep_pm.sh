@@ -38,6 +38,8 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 export MASTER_PORT=$((15000 + SLURM_JOB_ID % 15000))
 export OMP_NUM_THREADS=1
+# Each process next to its GPU (see submit_pm.sh)
+export TUTORIAL_GPU_ORDER=3,2,1,0
 
 checkpoint_and_requeue() {
   echo "$(date +%T) USR1: the time limit is near; the trial checkpoints and stops"
@@ -55,6 +57,7 @@ trap checkpoint_and_requeue USR1
 echo "$(date +%T) job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, sweep $1, $SLURM_NTASKS processes"
 # Every task runs sweeps.py: on rank 0 it starts the agent (or, after a requeue, the saved trial); on the others
 # train.py, which waits for the trial from rank 0.
-srun --wait=30 "${TUTORIAL_PYTHON[@]}" stages/08_wandb_sweeps/sweeps.py task "$1" &
+# --wait=30, --kill-on-bad-exit=0: as in submit_pm.sh
+srun --wait=30 --kill-on-bad-exit=0 --cpu-bind=cores "${TUTORIAL_PYTHON[@]}" stages/08_wandb_sweeps/sweeps.py task "$1" &
 train_pid=$!
 wait "$train_pid"

@@ -68,7 +68,7 @@ def trial_file(sweep_id, job):
 def new_trial(arguments):
     """Rank 0, started by the W&B agent (WANDB_SWEEP_ID and WANDB_RUN_ID are set, the trial's settings are its
     --key=value arguments): save the trial, keyed by the Slurm job (or, outside Slurm, by the W&B run)."""
-    sweep_id, run_id = os.environ["WANDB_SWEEP_ID"], os.environ["WANDB_RUN_ID"]
+    sweep_id, run_id = agent_sweep_path(), os.environ["WANDB_RUN_ID"]
     settings = [argument for argument in arguments if argument.startswith("--") and "=" in argument]
     name = trial_name(settings)
     path = trial_file(sweep_id, os.environ.get("SLURM_JOB_ID", run_id))
@@ -79,6 +79,13 @@ def new_trial(arguments):
              "wandb": wandb_variables}  # fmt: skip
     write_trial(path, trial)
     return trial
+
+
+def agent_sweep_path():
+    """The sweep the agent started this trial of, as <entity>/<project>/<id> (the agent sets WANDB_SWEEP_ID to the
+    bare id, and WANDB_ENTITY and WANDB_PROJECT from the sweep path it was given); the bare id if it set no project."""
+    parts = [os.environ.get("WANDB_ENTITY"), os.environ.get("WANDB_PROJECT"), os.environ["WANDB_SWEEP_ID"]]
+    return "/".join(parts) if all(parts) else parts[-1]
 
 
 def read_trial(path):
