@@ -243,6 +243,8 @@ if __name__ == "__main__":
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("error: interrupted (Ctrl-C)")
-    except Exception:  # an unexpected error (a GPU out of memory, say): say so, and end now
-        traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
-        sys.exit(1)
+    except Exception as error:  # a worker that died, or an unexpected error (a GPU out of memory, say): end now
+        reason = data_loading.known_failure(error)
+        if reason is None:
+            traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
+        sys.exit(f"error: {reason}" if reason else 1)

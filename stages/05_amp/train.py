@@ -267,6 +267,16 @@ def raise_if_diverged(loss, step, lr, data_dir):
                                f"try a smaller --lr (this run: {lr})")  # fmt: skip
 
 
+
+def compile_failure(error):
+    """One line for torch.compile failing (no C++ compiler on a CPU, no working Triton on a GPU), or None."""
+    if not type(error).__module__.startswith(("torch._inductor", "torch._dynamo")):
+        return None
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    need = "a C++ compiler (g++)" if "Cxx" in first_line or "C++" in first_line else "a working compiler toolchain"
+    need = "a working Triton (pip install triton)" if "triton" in first_line.lower() else need
+    return f"--compile true failed ({first_line}): it needs {need}; install it, or pass --compile false"
+
 def format_seconds(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(max(0, math.ceil(seconds))))
 
@@ -296,6 +306,8 @@ if __name__ == "__main__":
         sys.exit(f"error: {error}")
     except KeyboardInterrupt:
         sys.exit("error: interrupted (Ctrl-C)")
-    except Exception:  # an unexpected error (a GPU out of memory, say): say so, and end now
-        traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
-        sys.exit(1)
+    except Exception as error:  # a worker that died, or an unexpected error (a GPU out of memory, say): end now
+        reason = data_loading.known_failure(error) or compile_failure(error)
+        if reason is None:
+            traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
+        sys.exit(f"error: {reason}" if reason else 1)

@@ -92,3 +92,13 @@ def make_loaders(cfg, data_dir, device, rank=0, world_size=1):
                             num_workers=workers, pin_memory=pin, worker_init_fn=worker_start)  # fmt: skip
     log.info(f"data loading: {workers} worker processes, pin_memory {pin}, prefetch_factor {cfg.prefetch_factor}")
     return train_set, sampler, train_loader, val_loader
+
+
+def known_failure(error):
+    """One line for a DataLoader worker process that died (killed, often for want of memory), or None."""
+    text = str(error).strip()
+    if not (isinstance(error, RuntimeError) and text.startswith("DataLoader worker")):
+        return None
+    return (f"{text.splitlines()[0].rstrip('. ')}: a DataLoader worker process ended before training did (killed, "
+            "often for want of memory: try fewer --num_workers); the checkpoints are intact: run the same command "
+            "to resume")  # fmt: skip

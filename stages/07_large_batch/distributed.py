@@ -149,3 +149,15 @@ def check_same_on_every_rank(facts):
         if different:
             raise common.UserError(f"rank {rank} would train another run than rank 0 ({'; '.join(different)}): "
                                    "start every process with the same command and the same data")  # fmt: skip
+
+
+def known_failure(error):
+    """One line for a collective that failed because another process died or stopped answering (gloo: a connection
+    reset or closed by the other side, or a timeout; NCCL: a DistBackendError), or None."""
+    text = str(error).strip()
+    signs = ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out", "Socket Timeout")
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(s in text for s in signs))):
+        return None
+    reason = text.splitlines()[0].split("] ", 1)[-1].split(". ")[0]  # gloo: "[file:line] Read error ...: Connection"
+    return (f"another process of this run died or stopped answering ({reason}); the first error in the job's log says "
+            "why. The checkpoints are intact: run the same command to resume")  # fmt: skip

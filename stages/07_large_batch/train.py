@@ -331,6 +331,16 @@ def raise_if_diverged(loss, step, lr, data_dir):
                                "--base_lr, another --lr_scaling, or more --warmup_epochs")  # fmt: skip
 
 
+
+def compile_failure(error):
+    """One line for torch.compile failing (no C++ compiler on a CPU, no working Triton on a GPU), or None."""
+    if not type(error).__module__.startswith(("torch._inductor", "torch._dynamo")):
+        return None
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    need = "a C++ compiler (g++)" if "Cxx" in first_line or "C++" in first_line else "a working compiler toolchain"
+    need = "a working Triton (pip install triton)" if "triton" in first_line.lower() else need
+    return f"--compile true failed ({first_line}): it needs {need}; install it, or pass --compile false"
+
 def format_seconds(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(max(0, math.ceil(seconds))))
 
@@ -371,6 +381,9 @@ if __name__ == "__main__":
         sys.exit(f"error: {error}" if rank == 0 else f"error on rank {rank}: {error}")
     except KeyboardInterrupt:
         sys.exit("error: interrupted (Ctrl-C)")
-    except Exception:  # an unexpected error, or a collective that failed because another rank died: end now
-        traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
-        sys.exit(1)
+    except Exception as error:  # another process or a worker died, or an unexpected error: end now
+        reason = data_loading.known_failure(error) or compile_failure(error) or distributed.known_failure(error)
+        if reason is None:
+            traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
+        rank = distributed.launcher_place()[0]
+        sys.exit(1 if reason is None else f"error: {reason}" if rank == 0 else f"error on rank {rank}: {reason}")
