@@ -77,7 +77,7 @@ FirstJobId={first_job_id}
 GresTypes=gpu
 NodeName=DEFAULT CPUs=128 Boards=1 SocketsPerBoard=1 CoresPerSocket=64 ThreadsPerCore=2 RealMemory=256000
 NodeName={host} NodeAddr=127.0.0.1 Gres=gpu:{gpus} Features=gpu State=UNKNOWN
-PartitionName=regular Nodes={host} Default=YES MaxTime=INFINITE OverSubscribe=EXCLUSIVE State=UP
+PartitionName=regular Nodes={host} Default=YES DefMemPerNode=200000 MaxTime=INFINITE OverSubscribe=EXCLUSIVE State=UP
 """
 
 
