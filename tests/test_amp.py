@@ -112,3 +112,33 @@ def test_compile_runs_and_its_checkpoints_load_without_it(tmp_path, tiny_data):
     resumed = train(out_dir, tiny_data, "--depth", "1", "--compile", "false")
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
     assert summary(out_dir)["first_step_s"] > 0
+
+
+COMPILE_STAGES = [TF32_STAGES[0], TF32_STAGES[-1]]  # where torch.compile came in, and the newest
+
+
+@pytest.mark.parametrize("stage", COMPILE_STAGES, ids=[stage.name for stage in COMPILE_STAGES])
+def test_compile_without_a_compiler_is_one_line_that_says_what_to_do(stage, tmp_path, tiny_data):
+    """torch.compile on a CPU generates C++: with no working compiler (CXX names none here), one line that names
+    the cause and both ways on, no traceback, and nothing trained."""
+    result = run_python(stage / "train.py", "--config", "test", "--compile", "true", "--num_epochs", "1",
+                        "--base_channels", "4", "--depth", "2", "--out_dir", tmp_path / "run", "--data_root",
+                        tiny_data, cwd=tmp_path, env={"CXX": str(tmp_path / "no-such-compiler")})  # fmt: skip
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, output_of(result)
+    assert last_line.startswith("error: --compile true failed (InvalidCxxCompiler: ") and "C++ compiler" in last_line
+    assert last_line.endswith("install it, or pass --compile false") and not list(tmp_path.rglob("step-*.pt"))
+
+
+def test_compile_without_triton_on_a_gpu_is_named_too():
+    """No GPU here: the errors torch.compile raises on a GPU without Triton, built from PyTorch's own classes."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._inductor.exc import TritonMissing
+
+    def inductor():
+        pass
+
+    error = BackendCompilerFailed(inductor, TritonMissing(first_useful_frame=None), first_useful_frame=None)
+    line = stage_module(COMPILE_STAGES[-1]).compile_failure(error)
+    assert line.startswith("--compile true failed (TritonMissing: Cannot find a working triton installation."), line
+    assert "it needs a working Triton (pip install triton)" in line

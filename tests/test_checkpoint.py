@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,17 +285,101 @@ def test_cuda_resume_is_bit_exact_with_deterministic_true(stage, tmp_path, tiny_
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
 def test_predict_scores_best_pt_on_the_data_it_was_trained_on(stage, tmp_path, tiny_data):
-    """predict.py reproduces the run's own validation error from best.pt; a checkpoint trained on preset 'small'
-    is scored on 'small', not on a default. (A copy of the tiny data stands in for 'small', to keep it small.)"""
-    data_root = tmp_path / "data"
-    (data_root / "small").mkdir(parents=True)
-    for name in ("train.npy", "val.npy", "meta.json"):
-        (data_root / "small" / name).write_bytes((tiny_data / "tiny" / name).read_bytes())
+    """predict.py reproduces the run's own validation error from best.pt, on the checkpoint's own preset ('tiny'),
+    not on its default ('small', which it would then generate)."""
     out_dir = tmp_path / "run"
-    assert train(stage, out_dir, data_root, "--data_preset", "small").returncode == 0
+    assert train(stage, out_dir, tiny_data).returncode == 0
     summary = common.read_summary(out_dir)
-    result = run_python(stage / "predict.py", out_dir / "checkpoints" / "best.pt", "--data_root", data_root,
+    result = run_python(stage / "predict.py", out_dir / "checkpoints" / "best.pt", "--data_root", tiny_data,
                         cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, output_of(result)
-    assert f"error {summary['val_relative_l2']:.3f}" in result.stdout and "on preset 'small'" in result.stdout
-    assert not (data_root / "tiny").exists(), "predict.py did not fall back to another preset"
+    assert f"error {summary['val_relative_l2']:.3f}" in result.stdout and "on preset 'tiny'" in result.stdout
+    assert not (tiny_data / "small").exists(), "predict.py did not fall back to another preset"
+
+
+@pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
+def test_a_resume_from_an_older_checkpoint_starts_a_branch_and_deletes_nothing(stage, tmp_path, tiny_data,
+                                                                               uninterrupted):  # fmt: skip
+    """--resume <an older checkpoint of the folder>: the newer checkpoints (and best.pt, and the TensorBoard events
+    as they were) move to earlier/<time>-branch-*/, unchanged; pruning never deletes the file resumed from, even with
+    --keep_last 1; the stop line says how to resume the new branch, and the next automatic resume continues it."""
+    out_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert train(stage, out_dir, tiny_data, "--signal_at_step", "20").returncode == 3
+    abandoned = checkpoint_files(out_dir)  # best.pt of step 16, and the checkpoints of steps 12, 16 and 20
+    older = checkpoints / "step-00000012.pt"
+    branch = train(stage, out_dir, tiny_data, "--resume", older, "--keep_last", "1", "--signal_at_step", "20")
+    assert branch.returncode == 3, output_of(branch)
+    [aside] = (out_dir / "earlier").glob("*-branch-*")
+    assert f"a new branch; the newer work moved to {aside}" in branch.stdout
+    assert checkpoint_files(aside) == {name: abandoned[name] for name in ("best.pt", "step-00000016.pt",
+                                                                          "step-00000020.pt")}  # fmt: skip
+    assert list((aside / "tensorboard").glob("events.out.tfevents.*"))
+    assert older.exists() and sorted(path.name for path in checkpoints.glob("step-*.pt")) == [older.name,
+                                                                                              "step-00000020.pt"]
+    assert f"to resume, run it again with --resume auto (not --resume {older})" in branch.stdout
+    resumed = train(stage, out_dir, tiny_data)
+    assert resumed.returncode == 0 and f"resuming from {checkpoints / 'step-00000020.pt'}: " in resumed.stdout, \
+        output_of(resumed)  # fmt: skip
+    assert_same_weights(final_weights(out_dir), uninterrupted(stage))
+
+
+@pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
+def test_when_no_checkpoint_can_be_read_the_run_stops_and_names_them(stage, tmp_path, tiny_data):
+    """Every checkpoint unreadable: one line naming them and both ways on; nothing trained, nothing changed."""
+    out_dir = tmp_path / "run"
+    assert train(stage, out_dir, tiny_data, "--signal_at_step", "20").returncode == 3
+    for path in (out_dir / "checkpoints").glob("step-*.pt"):
+        path.write_bytes(path.read_bytes()[:5000])
+    files = checkpoint_files(out_dir)
+    result = train(stage, out_dir, tiny_data)
+    expect_one_line_error(result, "no checkpoint in", "step-00000020.pt, step-00000016.pt, step-00000012.pt",
+                          "--resume none", "--resume <a checkpoint>")  # fmt: skip
+    assert checkpoint_files(out_dir) == files
+
+
+@pytest.fixture
+def tiny_copies(tiny_data):
+    """copy(data_root, preset="tiny"): data_root/<preset> holding a copy of the tiny data's files."""
+
+    def copy(data_root, preset="tiny"):
+        (data_root / preset).mkdir(parents=True)
+        for path in (tiny_data / "tiny").iterdir():
+            (data_root / preset / path.name).write_bytes(path.read_bytes())
+        return data_root / preset
+
+    return copy
+
+
+@pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
+def test_data_of_another_preset_or_other_data_are_refused(stage, tmp_path, tiny_data, tiny_copies):
+    """A folder named for one preset that holds another's files is refused before training; a resume on other data
+    (here: the data regenerated after a change, with another fingerprint) is refused, naming the difference."""
+    mislabelled = tiny_copies(tmp_path / "mislabelled", preset="small")
+    result = train(stage, tmp_path / "run1", tmp_path / "mislabelled", "--data_preset", "small")
+    expect_one_line_error(result, f"{mislabelled} does not hold preset 'small'", "python data/generate.py")
+    out_dir = tmp_path / "run2"
+    assert train(stage, out_dir, tiny_data, "--signal_at_step", "8").returncode == 3
+    other = tiny_copies(tmp_path / "other")
+    meta = json.loads((other / "meta.json").read_text())
+    original = meta["fingerprint"]
+    array = np.load(other / "train.npy", mmap_mode="r+")
+    array[0, 0, 0, 0] += 1.0  # another data set of the same preset, seed and sizes...
+    array.flush()
+    meta["fingerprint"] = common.fields.fingerprint(other)  # ...as its generator describes it
+    (other / "meta.json").write_text(json.dumps(meta))
+    files = checkpoint_files(out_dir)
+    resumed = train(stage, out_dir, tmp_path / "other")
+    expect_one_line_error(resumed, f"data fingerprint {original!r} there, {meta['fingerprint']!r} now", "--out_dir")
+    assert checkpoint_files(out_dir) == files
+
+
+@pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
+def test_a_nan_in_the_data_is_named_not_blamed_on_the_learning_rate(stage, tmp_path, tiny_copies):
+    data = tiny_copies(tmp_path / "data")
+    array = np.load(data / "train.npy", mmap_mode="r+")
+    array[:, 0, 5, 5] = np.nan  # every training sample: the first batch meets it
+    array.flush()
+    result = train(stage, tmp_path / "run", tmp_path / "data")
+    expect_one_line_error(result, "the data hold a value that is not a finite number", "train.npy, sample 0, "
+                          "field delta", "generate them again")  # fmt: skip
+    assert "smaller" not in result.stderr

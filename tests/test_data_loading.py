@@ -1,10 +1,16 @@
-"""Stage 04's loader: worker processes change how fast batches come, never what is in them."""
+"""Stage 04's loader: worker processes change how fast batches come, never what is in them; too many are refused,
+and one that dies ends the run with one line."""
+
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import common
-from helpers import REPO, output_of, run_python, stage_module
+from helpers import REPO, SCRIPT_STAGES, output_of, run_python, stage_module
 
 STAGE = REPO / "stages" / "04_data_loading"
 
@@ -56,3 +62,43 @@ def test_the_loader_benchmark_runs_and_prints_its_table(workers, tiny_data, tmp_
     print(result.stdout)
     row = result.stdout.strip().splitlines()[-1].split()
     assert int(row[0]) == workers and float(row[1]) > 0 and float(row[2]) > 0, result.stdout
+
+
+LOADER_STAGES = [stage for stage in SCRIPT_STAGES if (stage / "data_loading.py").exists()]  # 04 on
+
+
+@pytest.mark.parametrize("stage", LOADER_STAGES, ids=[stage.name for stage in LOADER_STAGES])
+def test_more_workers_than_the_machine_can_run_are_refused(stage):
+    """--num_workers 1000 started about 1300 processes and took 17 GB: more than 4 per CPU is refused, saying why."""
+    data_loading = stage_module(stage, "data_loading")
+    cpus = len(os.sched_getaffinity(0))
+    assert data_loading.worker_count(4 * cpus) == 4 * cpus
+    with pytest.raises(common.UserError, match=f"--num_workers {4 * cpus + 1}: this process may use {cpus} CPU"):
+        data_loading.worker_count(4 * cpus + 1)
+
+
+KILL_STAGES = [LOADER_STAGES[0], LOADER_STAGES[-1]]  # data_loading.py's copies are checked by tests/test_docs.py
+
+
+@pytest.mark.parametrize("stage", KILL_STAGES, ids=[stage.name for stage in KILL_STAGES])
+def test_a_killed_worker_ends_the_run_with_one_line_and_the_same_command_resumes(stage, tmp_path, tiny_data):
+    """SIGKILL to one DataLoader worker (as the kernel's out-of-memory killer would): one line that names the worker
+    and says that the same command resumes, no traceback; then that command resumes from the last checkpoint."""
+    arguments = [stage / "train.py", "--config", "test", "--num_epochs", "3", "--out_dir", tmp_path / "run",
+                 "--data_root", tiny_data]  # fmt: skip
+    process = subprocess.Popen([sys.executable, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    for line in process.stdout:
+        if "step 8/" in line:
+            break
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[0]), signal.SIGKILL)
+    stdout, stderr = process.communicate(timeout=120)
+    last_line = stderr.strip().splitlines()[-1]
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr
+    # PyTorch says "(pid N) is killed by signal: Killed" or "(pid(s) N) exited unexpectedly", by when it noticed
+    assert last_line.startswith("error: DataLoader worker (pid") and workers[0] in last_line.split(":")[1], stderr
+    assert "run the same command to resume" in last_line
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step-*.pt"))[-1]
+    resumed = run_python(*arguments, cwd=tmp_path)
+    assert resumed.returncode == 0 and f"resuming from {saved}" in resumed.stdout, output_of(resumed)

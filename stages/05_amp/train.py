@@ -272,10 +272,11 @@ def compile_failure(error):
     """One line for torch.compile failing (no C++ compiler on a CPU, no working Triton on a GPU), or None."""
     if not type(error).__module__.startswith(("torch._inductor", "torch._dynamo")):
         return None
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    need = "a C++ compiler (g++)" if "Cxx" in first_line or "C++" in first_line else "a working compiler toolchain"
-    need = "a working Triton (pip install triton)" if "triton" in first_line.lower() else need
-    return f"--compile true failed ({first_line}): it needs {need}; install it, or pass --compile false"
+    lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(("backend=", "Set "))]
+    reason, text = (lines or [type(error).__name__])[0], str(error)
+    need = "a C++ compiler (g++)" if "Cxx" in text or "C++" in text else "a working compiler toolchain"
+    need = "a working Triton (pip install triton)" if "triton" in text.lower() else need
+    return f"--compile true failed ({reason}): it needs {need}; install it, or pass --compile false"
 
 def format_seconds(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(max(0, math.ceil(seconds))))
