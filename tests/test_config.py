@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import common
-from helpers import REPO
+from helpers import REPO, SCRIPT_STAGES, stage_module
 
 CONFIG = """
 default:
@@ -176,3 +176,39 @@ def test_one_run_per_output_folder(tmp_path):
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "stages")},
     )  # fmt: skip
     assert other.returncode != 0 and "is in use by another run (pid" in other.stderr, other.stderr
+
+
+def test_abbreviated_options_are_refused(config_file):
+    """argparse would read --batch as --batch_size: a typo that trains something else. Options are spelled out."""
+    with pytest.raises(common.UserError, match=r"unknown option '--batch' \(options are spelled out in full\)"):
+        common.load_config(config_file, ["--batch", "16"])
+    with pytest.raises(common.UserError, match=r"unknown option '--shuf=1'"):
+        common.load_config(config_file, ["--shuf=1"])
+
+
+@pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=[stage.name for stage in SCRIPT_STAGES])
+def test_every_stage_refuses_an_abbreviation_and_names_a_renamed_key(stage):
+    """`--num_epoch 2` ran as --num_epochs; in stage 07, `--lr 1e-3` was read as --lr_scaling. Now each is refused;
+    a key that an earlier stage named otherwise is named in the error."""
+    train = stage_module(stage)
+    renamed = getattr(train, "RENAMED", {})
+    with pytest.raises(common.UserError, match="unknown option '--num_epoch'"):
+        common.load_config(stage / "config.yaml", ["--num_epoch", "2"], train.LIMITS, renamed)
+    for old, new in renamed.items():
+        with pytest.raises(common.UserError, match=f"--{old} is named --{new} in this stage"):
+            common.load_config(stage / "config.yaml", [f"--{old}", "1"], train.LIMITS, renamed)
+    if (stage / "batch_scaling.py").exists():  # stage 07 on: the learning rate is base_lr
+        assert renamed == {"lr": "base_lr", "batch_size": "global_batch_size"}
+
+
+def test_environment_variables_set_settings_below_the_command_line(config_file, monkeypatch):
+    """The precedence W&B's own variables get in stage 08: the command line, then the variable, then config.yaml.
+    A value the setting cannot take names the variable it came from."""
+    names = {"data_preset": "TEST_PRESET"}
+    assert common.load_config(config_file, [], environment=names).data_preset == "small"
+    monkeypatch.setenv("TEST_PRESET", "tiny")
+    assert common.load_config(config_file, ["--config", "default"], environment=names).data_preset == "tiny"
+    assert common.load_config(config_file, ["--data_preset", "small"], environment=names).data_preset == "small"
+    monkeypatch.setenv("TEST_PRESET", "huge")
+    with pytest.raises(common.UserError, match="TEST_PRESET=huge in the environment sets --data_preset: "):
+        common.load_config(config_file, [], limits={"data_preset": ["tiny", "small"]}, environment=names)

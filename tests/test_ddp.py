@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from helpers import REPO, computed_once, output_of, run_python, stage_module
+import common
+from helpers import REPO, SCRIPT_STAGES, computed_once, output_of, run_python, stage_module
 from test_checkpoint import assert_same_weights, final_weights
 
 STAGE = REPO / "stages" / "06_ddp"
@@ -181,3 +182,47 @@ def test_the_meeting_point_under_srun_is_the_first_node_and_a_port_of_the_job(tm
     scontrol.chmod(0o755)
     distributed.meeting_point_from_slurm()
     assert os.environ["MASTER_ADDR"] == "nid001004" and os.environ["MASTER_PORT"] == str(15000 + 123456 % 15000)
+
+
+DDP_STAGES = [stage for stage in SCRIPT_STAGES if (stage / "distributed.py").exists()]  # 06 on
+DDP_ENDS = [DDP_STAGES[0], DDP_STAGES[-1]]  # distributed.py's copies are checked by tests/test_docs.py
+
+
+@pytest.mark.parametrize("stage", DDP_ENDS, ids=[stage.name for stage in DDP_ENDS])
+def test_a_dead_rank_gives_one_line_on_each_surviving_rank(stage, tmp_path, tiny_data):
+    """SIGKILL to rank 1 of 2 (started by hand, as a launcher would, so that only our own output is seen): rank 0's
+    next collective fails (gloo: the connection reset by the dead side); it ends with one line that says so and how
+    to resume, not with gloo's traceback."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29900 + os.getpid() % 90),
+           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    command = [sys.executable, stage / "train.py", "--config", "test", "--num_epochs", "20", "--data_root", tiny_data,
+               "--out_dir", tmp_path / "run"]  # fmt: skip
+    ranks = [subprocess.Popen(command, cwd=tmp_path, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]  # fmt: skip
+    for line in ranks[0].stdout:
+        if "step 8/" in line:
+            break
+    ranks[1].kill()
+    _, stderr = ranks[0].communicate(timeout=120)
+    ranks[1].communicate()
+    last_line = stderr.strip().splitlines()[-1]
+    assert ranks[0].returncode == 1 and "Traceback" not in stderr, stderr
+    assert last_line.startswith("error: another process of this run died or stopped answering (") and \
+        last_line.endswith("run the same command to resume"), stderr  # fmt: skip
+
+
+@pytest.mark.parametrize(("order", "expected"), [(None, [0, 1, 2, 3]), ("3,2,1,0", [3, 2, 1, 0])])
+def test_each_local_rank_takes_the_gpu_the_job_script_orders(order, expected, monkeypatch):
+    """TUTORIAL_GPU_ORDER (submit_pm.sh: 3,2,1,0 on Perlmutter, where GPU 3 is next to the cores of local rank 0)
+    maps local ranks to CUDA devices; without it, local rank r takes device r. An order that is not one of the
+    GPUs is refused."""
+    distributed = stage_module(DDP_STAGES[-1], "distributed")
+    if order:
+        monkeypatch.setenv("TUTORIAL_GPU_ORDER", order)
+    else:
+        monkeypatch.delenv("TUTORIAL_GPU_ORDER", raising=False)
+    assert [distributed.gpu_index(local_rank, 4) for local_rank in range(4)] == expected
+    monkeypatch.setenv("TUTORIAL_GPU_ORDER", "3,2,1")
+    with pytest.raises(common.UserError, match="TUTORIAL_GPU_ORDER=3,2,1 does not list each of the 4 GPUs"):
+        distributed.gpu_index(0, 4)

@@ -2,6 +2,7 @@
 hand-off of a sweep trial to every rank, the mode chosen when online cannot work, the sweep files, and the
 offline grid. (A trial requeued on Slurm continues from its checkpoint: tests/test_slurm_stages.py.)"""
 
+import functools
 import itertools
 import os
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 import common
@@ -186,3 +188,91 @@ def test_the_offline_grid_maps_array_indices_to_exactly_the_grid_points(tmp_path
         sweeps.grid_arguments(STAGE / "sweep.yaml", len(expected))
     result = run_python(STAGE / "sweeps.py", "grid", STAGE / "sweep.yaml", "--index", "1", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.splitlines() == points[1], output_of(result)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--wandb_project", "my/project", "Invalid project name 'my/project'"),
+    ("--wandb_run_id", "run/1", "Run ID cannot contain the characters"),
+])  # fmt: skip
+def test_a_name_w_and_b_refuses_is_one_line_before_training(option, value, message, tmp_path, tiny_data):
+    result = train(tmp_path / "run", tiny_data, "--wandb_mode", "offline", option, value)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, output_of(result)
+    assert last_line.startswith("error: W&B refuses these settings (") and message in last_line, last_line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_w_and_b_variables_set_the_settings_below_the_command_line(tmp_path, tiny_data, monkeypatch):
+    """WANDB_MODE, WANDB_PROJECT, ... as W&B documents them: they win over config.yaml, the command line over them.
+    WANDB_MODE=disabled was ignored: an offline run was written (and with a key it went online)."""
+    train_module = stage_module(STAGE)
+    load = functools.partial(common.load_config, STAGE / "config.yaml", limits=train_module.LIMITS,
+                             renamed=train_module.RENAMED, environment=train_module.WANDB_VARIABLES)  # fmt: skip
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_PROJECT", "their-project")
+    cfg = load(["--config", "quick"])
+    assert (cfg.wandb_mode, cfg.wandb_project) == ("disabled", "their-project")
+    assert load(["--config", "quick", "--wandb_mode", "offline"]).wandb_mode == "offline"
+    out_dir = tmp_path / "run"
+    result = train(out_dir, tiny_data, "--config", "quick", "--num_epochs", "1",
+                   env=environment(WANDB_MODE="disabled"))  # fmt: skip
+    assert result.returncode == 0 and "W&B disabled (WANDB_MODE=disabled in the environment)" in result.stdout, \
+        output_of(result)  # fmt: skip
+    assert not (out_dir / "wandb").exists() and not run_files(out_dir)
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (None, "is missing"),
+    ('{"sweep_id": "s", "run_id": ', "cannot be read"),
+    ('{"sweep_id": "s", "run_id": "r", "name": "n"}', "is incomplete (no arguments, wandb)"),
+])  # fmt: skip
+def test_a_broken_trial_file_is_one_line(content, problem, tmp_path, tiny_data):
+    path = tmp_path / "trial.json"
+    if content is not None:
+        path.write_text(content)
+    result = train(tmp_path / "run", tiny_data, "--trial_file", path)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, output_of(result)
+    assert last_line.startswith(f"error: the sweep trial file {path} {problem}") and "submit again" in last_line
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    ("program: train.py\nparameters: [unclosed\n", "cannot read the sweep file"),
+    ("program: train.py\nmethod: grid\n", "is not a grid sweep (found no 'parameters')"),
+    ("parameters:\n  base_lr:\n    min: 0.001\n", "is not a grid sweep (found no 'value')"),
+    ("parameters:\n  base_lr:\n    values: []\n", "every parameter needs a non-empty list"),
+])  # fmt: skip
+def test_a_broken_sweep_file_given_to_the_offline_grid_is_one_line(content, problem, tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(content)
+    result = run_python(STAGE / "sweeps.py", "grid", path, "--index", "0", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, output_of(result)
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and problem in result.stderr, output_of(result)
+
+
+def test_w_and_b_starting_slowly_does_not_spend_the_other_ranks_timeout(tmp_path, tiny_data, listening_port):
+    """A W&B server that accepts the connection and never answers (wandb.init waits up to 90 s): with
+    --ddp_timeout_s 10, rank 1 waits for rank 0 in a collective meanwhile. W&B gets half of that timeout, goes
+    offline, and both ranks train to the end."""
+    env = environment(WANDB_API_KEY=WELL_FORMED_KEY, WANDB_BASE_URL=f"http://127.0.0.1:{listening_port}")
+    out_dir = tmp_path / "run"
+    result = train(out_dir, tiny_data, "--wandb_mode", "auto", "--ddp_timeout_s", "10", "--num_epochs", "1", env=env,
+                   nproc=2, timeout=120)  # fmt: skip
+    assert result.returncode == 0, output_of(result)
+    assert "W&B could not start online" in result.stdout and "logging offline" in result.stdout, output_of(result)
+    assert len(run_files(out_dir)) == 1
+
+
+def test_a_branch_from_an_older_checkpoint_is_a_new_w_and_b_run(tmp_path, tiny_data):
+    """W&B keeps one value per step of a run: the steps a branch logs again below the old run's last would be
+    dropped. So a branch is a run of its own (offline here, as online), and its checkpoints name it."""
+    out_dir = tmp_path / "run"
+    assert train(out_dir, tiny_data, "--wandb_mode", "offline", "--signal_at_step", "20").returncode == 3
+    older = out_dir / "checkpoints" / "step-00000012.pt"
+    branch = train(out_dir, tiny_data, "--wandb_mode", "offline", "--resume", older)
+    assert branch.returncode == 0 and "a new branch" in branch.stdout, output_of(branch)
+    first, second = (run_record(piece)["id"] for piece in run_files(out_dir))
+    assert first != second
+    assert torch.load(out_dir / "checkpoints" / "step-00000032.pt", weights_only=True)["wandb_run_id"] == second
+    steps = [row["trainer/step"] for row in history(run_files(out_dir)[1]) if "train/loss" in row]
+    assert steps == [16, 24, 32], steps
