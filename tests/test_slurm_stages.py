@@ -54,6 +54,7 @@ def test_submit_script_runs_a_stage(stage, local_slurm, tmp_path):
     if distributed:
         assert summary["world_size"] == 4, "one process per (fake) GPU"
         assert output.count("done in") == 1 and output.count("first step:") == 1, "only rank 0 prints"
+        assert all(f"rank {rank} (local rank {rank}) on " in output for rank in range(4)), "each says where it runs"
 
 
 def test_submit_from_elsewhere_says_where_to_submit(local_slurm, tmp_path):
@@ -274,3 +275,37 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
     assert not (REPO / "wandb").exists(), "the agent's files are in the sweep's folder, not in the repository"
     assert list(sweeps.sweep_folder("me/project/fakesweep").glob("wandb/sweep-fakesweep/config-trial42.yaml"))
     print(output)  # the job's log, for the record
+
+
+RECORDING_SRUN = """#!/bin/bash
+# Stands in for srun: records its arguments and the GPU order the tasks would get, then ends.
+echo "srun $* | TUTORIAL_GPU_ORDER=${TUTORIAL_GPU_ORDER:-}" >> "$RECORD"
+"""
+
+
+@pytest.mark.skipif(not DISTRIBUTED, reason="from stage 06 on")
+@pytest.mark.parametrize("script", ["submit_pm.sh", "submit_pm_torchrun.sh"])
+def test_the_scripts_bind_each_process_next_to_its_gpu_and_do_not_depend_on_kill_on_bad_exit(script, tmp_path):
+    """What the multi-GPU scripts pass to srun, with stand-ins for srun, scontrol and nvidia-smi (a GPU node): under
+    srun, each task bound to its cores and the reversed GPU order of a Perlmutter node; under torchrun, torchrun's
+    own NUMA binding and USR1 passed on (where the installed torchrun has them). Both set --kill-on-bad-exit=0."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(RECORDING_SRUN)
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho nid001\n")
+    (bin_dir / "nvidia-smi").write_text("#!/bin/bash\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
+           "TUTORIAL_ENV": "none", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "nid001",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "4", "RECORD": str(tmp_path / "record")}  # fmt: skip
+    result = subprocess.run(["bash", NEWEST / script, "--config", "quick"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    [call] = (tmp_path / "record").read_text().splitlines()
+    assert "--kill-on-bad-exit=0" in call and "--wait=30" in call, call
+    if script == "submit_pm.sh":
+        assert "--cpu-bind=cores" in call and call.endswith("TUTORIAL_GPU_ORDER=3,2,1,0"), call
+    else:
+        assert "--numa-binding=node" in call and "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in call
+        assert call.endswith("TUTORIAL_GPU_ORDER="), "torchrun binds rank r next to GPU r: no reordering"
