@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import common
 from helpers import REPO, SCRIPT_STAGES, stage_module
@@ -212,3 +213,22 @@ def test_environment_variables_set_settings_below_the_command_line(config_file, 
     monkeypatch.setenv("TEST_PRESET", "huge")
     with pytest.raises(common.UserError, match="TEST_PRESET=huge in the environment sets --data_preset: "):
         common.load_config(config_file, [], limits={"data_preset": ["tiny", "small"]}, environment=names)
+
+
+def test_the_cpu_thread_rule_is_fixed_and_follows_only_omp_num_threads(monkeypatch):
+    """One thread per process unless OMP_NUM_THREADS says otherwise, whatever the machine's load or core count
+    (the count is part of a bit-exact resume); a value that is no count is refused with one line."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert common.cpu_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert common.cpu_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "all")
+    with pytest.raises(common.UserError, match="OMP_NUM_THREADS='all' is not a number of threads"):
+        common.cpu_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    before = torch.get_num_threads()
+    try:
+        common.choose_device("cpu")
+        assert torch.get_num_threads() == 2, "choose_device applies the rule"
+    finally:
+        torch.set_num_threads(before)

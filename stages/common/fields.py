@@ -126,8 +126,8 @@ def generate(preset, out_dir, seed=0, chunk=1024, log=print):
 
 
 def fingerprint(folder):
-    """A short hash of the data files' bytes, computed once, when they are written (the `full` preset's 9 GB take
-    about 20 s), and stored in meta.json: checkpoints keep it, so a run never resumes on other data."""
+    """A short hash of the data files' bytes, computed once, when they are written (it reads them once), and
+    stored in meta.json: checkpoints keep it, so a run never resumes on other data."""
     digest = hashlib.blake2b(digest_size=8)
     for split in SPLITS:
         with open(Path(folder) / f"{split}.npy", "rb") as file:
