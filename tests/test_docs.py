@@ -17,7 +17,7 @@ import yaml
 
 import common
 import readme_sync
-from helpers import REPO, STAGES, output_of, run_python
+from helpers import REPO, STAGES, output_of, run_python, stage_module
 
 SKIP_DIRS = {".venv", "runs", "generated", ".git", "node_modules", ".slurm", ".pytest_cache", ".ruff_cache"}
 MARKDOWN = sorted(p for p in REPO.rglob("*.md") if not SKIP_DIRS & set(p.relative_to(REPO).parts))
@@ -222,3 +222,52 @@ def test_files_copied_from_the_stage_before_match_it(stage):
         if (before / name).exists():
             expected = (before / name).read_text().replace(before.name, stage.name)
             assert (stage / name).read_text() == expected, f"{stage.name}/{name} differs from {before.name}/{name}"
+
+
+def test_the_wandb_version_asked_for_syncs_every_piece_of_a_resumed_offline_run():
+    """Stage 08's README says that `wandb sync` uploads the pieces of a resumed offline run in order from wandb 0.30
+    on (older versions overwrote the first piece: wandb issues 3841, 5865): requirements.txt asks for at least that,
+    and the installed wandb's own `wandb sync` documents it (wandb/cli/cli.py)."""
+    import wandb
+
+    [requirement] = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("wandb")]
+    minimum = re.match(r"wandb>=([\d.]+)", requirement).group(1)
+    assert tuple(map(int, minimum.split("."))) >= (0, 30), requirement
+    assert f"from wandb {minimum} on" in (REPO / "stages" / "08_wandb_sweeps" / "README.md").read_text()
+    cli = (Path(wandb.__file__).parent / "cli" / "cli.py").read_text()
+    assert "the files are synced sequentially in order of start time" in cli
+
+
+def test_w_and_b_timeouts_the_readme_states_are_w_and_bs_own():
+    """wandb's default init_timeout (wandb/sdk/wandb_settings.py) is what tracking.py and the README say."""
+    import wandb
+
+    tracking = stage_module(REPO / "stages" / "08_wandb_sweeps", "tracking")
+    assert wandb.Settings().init_timeout == tracking.INIT_TIMEOUT_S == 90
+    assert "W&B's\nown 90 s (`init_timeout`" in (REPO / "stages" / "08_wandb_sweeps" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("markdown", MARKDOWN, ids=IDS)
+def test_a_counted_list_has_as_many_items_as_it_says(markdown):
+    """"Two traps:" followed by three was in stage 04's README."""
+    numbers = {"Two": 2, "Three": 3, "Four": 4, "Five": 5, "Six": 6}
+    text = markdown.read_text()
+    counted_list = r"\n(Two|Three|Four|Five|Six) [a-z]+[^\n]*:\n\n((?:- [^\n]*\n(?:  [^\n]*\n)*)+)"
+    for word, items in re.findall(counted_list, text):
+        count = len(re.findall(r"^- ", items, re.M))
+        assert count == numbers[word], f"{markdown.relative_to(REPO)}: '{word} ...' is followed by {count} items"
+
+
+def test_the_walkthrough_follows_nersc_on_where_to_submit_from_and_states_measured_times():
+    """NERSC's deep-learning tutorials (NERSC/dl4sci25-dl-at-scale's README) ask for a login-node server to submit
+    jobs from; the walkthrough says so, and says why a job submitted from inside another one gets a clean Slurm
+    environment. Generating `full` takes the 150 s that data/README.md reports as measured."""
+    import json
+
+    cells = json.loads((REPO / "notebooks" / "00_walkthrough.ipynb").read_text())["cells"]
+    text = "".join("".join(cell["source"]) for cell in cells)
+    assert '**login node** server ("Perlmutter Login Node"), as\nNERSC\'s own deep-learning tutorials ask' in text
+    assert "SLURM_MEM_PER_NODE are mutually exclusive" in text and "env=slurm_env" in text
+    assert "`full` (the GPU runs) about 150 s" in text and "150 s to generate" in (REPO / "data/README.md").read_text()
+
+
