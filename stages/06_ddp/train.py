@@ -310,7 +310,6 @@ def raise_if_diverged(loss, step, lr, data_dir):
                                f"try a smaller --lr (this run: {lr})")  # fmt: skip
 
 
-
 def compile_failure(error):
     """One line for torch.compile failing (no C++ compiler on a CPU, no working Triton on a GPU), or None."""
     if not type(error).__module__.startswith(("torch._inductor", "torch._dynamo")):
@@ -320,6 +319,7 @@ def compile_failure(error):
     need = "a C++ compiler (g++)" if "Cxx" in text or "C++" in text else "a working compiler toolchain"
     need = "a working Triton (pip install triton)" if "triton" in text.lower() else need
     return f"--compile true failed ({reason}): it needs {need}; install it, or pass --compile false"
+
 
 def format_seconds(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(max(0, math.ceil(seconds))))

@@ -343,7 +343,6 @@ def raise_if_diverged(loss, step, lr, data_dir):
                                "--base_lr, another --lr_scaling, or more --warmup_epochs")  # fmt: skip
 
 
-
 def compile_failure(error):
     """One line for torch.compile failing (no C++ compiler on a CPU, no working Triton on a GPU), or None."""
     if not type(error).__module__.startswith(("torch._inductor", "torch._dynamo")):
@@ -353,6 +352,7 @@ def compile_failure(error):
     need = "a C++ compiler (g++)" if "Cxx" in text or "C++" in text else "a working compiler toolchain"
     need = "a working Triton (pip install triton)" if "triton" in text.lower() else need
     return f"--compile true failed ({reason}): it needs {need}; install it, or pass --compile false"
+
 
 def format_seconds(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(max(0, math.ceil(seconds))))
