@@ -17,7 +17,9 @@ import common
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--preset", choices=common.PRESETS, default="small")
     parser.add_argument("--data_root", help="default: $SCRATCH/<repo>/data if $SCRATCH is set, else data/generated")
     parser.add_argument("--seed", type=int, default=0)

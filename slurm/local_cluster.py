@@ -348,7 +348,8 @@ def _terminate(workdir: Path, daemon: str, timeout: float = 10) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A one-node Slurm cluster that looks like a Perlmutter GPU node.")
+    parser = argparse.ArgumentParser(description="A one-node Slurm cluster that looks like a Perlmutter GPU node.",
+                                     allow_abbrev=False)
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("--dir", type=Path, required=True, help="folder for config, state and logs")
     args = parser.parse_args(argv)

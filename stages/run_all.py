@@ -100,7 +100,9 @@ def summary_row(stage, out_dir):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--config", default="quick", help="the named config every stage runs (default: quick)")
     help_stages = 'stage name prefixes, each with its own settings if any: 01 02 "05 --compile true" (default: all)'
     parser.add_argument("--stages", nargs="*", default=[], help=help_stages)

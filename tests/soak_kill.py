@@ -25,7 +25,9 @@ from test_checkpoint import final_weights, kill_and_resume, train
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--points", type=int, default=20)
     parser.add_argument("--stage", default="03_checkpoint_restart")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")

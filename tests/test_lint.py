@@ -62,3 +62,14 @@ def test_one_gpu_jobs_use_the_shared_qos():
             assert options.get("--cpus-per-task") == "32", f"{script.relative_to(REPO)}: a quarter of 128 threads"
         else:
             assert options.get("--qos") in ("regular", "debug"), f"{script.relative_to(REPO)}: whole nodes"
+
+
+def test_every_command_line_refuses_abbreviated_options():
+    """argparse reads a prefix of an option as the option (`--num_epoch` as `--num_epochs`, `--lr` as
+    `--lr_scaling`): every parser of this repository refuses that (allow_abbrev=False)."""
+    for path in sorted(REPO.rglob("*.py")):
+        if ".venv" in path.parts or path.name == "test_lint.py":
+            continue
+        text = path.read_text()
+        parsers = text.count("argparse.ArgumentParser(")
+        assert text.count("allow_abbrev=False") == parsers, f"{path.relative_to(REPO)}: a parser allows abbreviations"

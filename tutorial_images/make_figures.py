@@ -192,6 +192,6 @@ def main(folder=IMAGES):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Make the figures the READMEs show.")
+    parser = argparse.ArgumentParser(description="Make the figures the READMEs show.", allow_abbrev=False)
     parser.add_argument("--out_dir", type=Path, default=IMAGES, help="where to write them (default: tutorial_images/)")
     main(parser.parse_args().out_dir)

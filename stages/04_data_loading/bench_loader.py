@@ -64,7 +64,9 @@ def measure(train_set, workers, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--data_preset", default="small", choices=common.PRESETS)
     parser.add_argument("--data_root", help="default: $SCRATCH/<repo>/data or data/generated")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4, 8])

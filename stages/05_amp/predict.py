@@ -25,7 +25,9 @@ def load_weights_for_inference(model, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("checkpoint", help="a step-*.pt or best.pt written by train.py")
     parser.add_argument("--data_preset", help="default: the preset the checkpoint was trained on")
     parser.add_argument("--data_root", help="default: $SCRATCH/<repo>/data or data/generated")

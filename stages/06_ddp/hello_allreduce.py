@@ -13,7 +13,10 @@ import torch.distributed as dist
 
 
 def main():
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.parse_args()
     if "RANK" not in os.environ:
         raise SystemExit("error: start it with torchrun, which starts the processes and tells each its rank: "
                          "torchrun --standalone --nproc_per_node 2 stages/06_ddp/hello_allreduce.py")

@@ -65,7 +65,9 @@ def study_table(runs, target):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     parser.add_argument("--preset", default="small", help="data preset of every run (default: small)")
     parser.add_argument("--configs", nargs="*", default=BATCH_CONFIGS, help=f"default: {' '.join(BATCH_CONFIGS)}")
     parser.add_argument("--out_dir", help="default: runs/07_large_batch/study-<preset> (or under $SCRATCH)")

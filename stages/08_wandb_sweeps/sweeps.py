@@ -198,7 +198,9 @@ def grid_arguments(sweep_file, index):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("task", help="what each srun task of a sweep job runs").add_argument("sweep_id")
     grid = commands.add_parser("grid", help="the points of a grid sweep file, or the arguments of one")
