@@ -309,3 +309,13 @@ def test_the_scripts_bind_each_process_next_to_its_gpu_and_do_not_depend_on_kill
     else:
         assert "--numa-binding=node" in call and "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in call
         assert call.endswith("TUTORIAL_GPU_ORDER="), "torchrun binds rank r next to GPU r: no reordering"
+
+
+def test_the_container_gets_the_gpu_order_and_slurms_variables(tmp_path):
+    """podman-hpc passes only the variables it is told to: the GPU order of submit_pm.sh must reach the container."""
+    script = 'source slurm/setup_env.sh > /dev/null; printf "%s\\n" "${TUTORIAL_PYTHON[@]}"'
+    env = {**os.environ, "TUTORIAL_ENV": "podman", "TUTORIAL_IMAGE": "registry/tutorial:1"}
+    words = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()  # fmt: skip
+    passed = [words[i + 1] for i, word in enumerate(words) if word == "-e"]
+    assert {"SLURM_*", "MASTER_*", "TUTORIAL_*"} <= set(passed), words

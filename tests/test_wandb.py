@@ -276,3 +276,13 @@ def test_a_branch_from_an_older_checkpoint_is_a_new_w_and_b_run(tmp_path, tiny_d
     assert torch.load(out_dir / "checkpoints" / "step-00000032.pt", weights_only=True)["wandb_run_id"] == second
     steps = [row["trainer/step"] for row in history(run_files(out_dir)[1]) if "train/loss" in row]
     assert steps == [16, 24, 32], steps
+
+
+def test_without_the_wandb_package_the_run_stops_with_one_line(tmp_path, tiny_data):
+    """A kernel or module without wandb (a wandb that fails to import stands in for it, first on the path)."""
+    (tmp_path / "fake" / "wandb").mkdir(parents=True)
+    (tmp_path / "fake" / "wandb" / "__init__.py").write_text('raise ImportError("No module named wandb")\n')
+    result = train(tmp_path / "run", tiny_data, "--wandb_mode", "offline",
+                   env=environment(PYTHONPATH=str(tmp_path / "fake")))  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, output_of(result)
+    assert result.stderr.strip().splitlines()[-1].startswith("error: W&B's package cannot be imported here")

@@ -38,8 +38,11 @@ def check_names(cfg, run_id=None):
     """Refuse a project name or run id that W&B would refuse, before anything starts (W&B's own check)."""
     if cfg.wandb_mode == "disabled":
         return
-    import wandb
-
+    try:
+        import wandb
+    except ImportError as error:
+        raise common.UserError(f"W&B's package cannot be imported here ({error}): pip install wandb, or pass "
+                               "--wandb_mode disabled") from None  # fmt: skip
     try:
         wandb.Settings(project=cfg.wandb_project, run_id=run_id or cfg.wandb_run_id)
     except wandb.errors.UsageError as error:
