@@ -4,6 +4,7 @@ import fcntl
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,14 @@ def computed_once(tmp_path_factory, name, compute):
             compute(folder)
             (folder / ".done").touch()
     return folder
+
+
+def communicate_or_kill(process, timeout):
+    """process.communicate(timeout=...); a process still running then is killed, with its own process group (start it
+    with start_new_session=True: its DataLoader workers are in it), before the test fails: nothing is left running."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError(f"{process.args} still ran after {timeout} s: killed") from None

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import common
-from helpers import REPO, SCRIPT_STAGES, computed_once, output_of, run_python, stage_module
+from helpers import REPO, SCRIPT_STAGES, communicate_or_kill, computed_once, output_of, run_python, stage_module
 from test_checkpoint import assert_same_weights, final_weights
 
 STAGE = REPO / "stages" / "06_ddp"
@@ -198,14 +198,14 @@ def test_a_dead_rank_gives_one_line_on_each_surviving_rank(stage, tmp_path, tiny
     command = [sys.executable, stage / "train.py", "--config", "test", "--num_epochs", "20", "--data_root", tiny_data,
                "--out_dir", tmp_path / "run"]  # fmt: skip
     ranks = [subprocess.Popen(command, cwd=tmp_path, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
              for rank in (0, 1)]  # fmt: skip
     for line in ranks[0].stdout:
         if "step 8/" in line:
             break
     ranks[1].kill()
-    _, stderr = ranks[0].communicate(timeout=120)
-    ranks[1].communicate()
+    _, stderr = communicate_or_kill(ranks[0], timeout=120)
+    communicate_or_kill(ranks[1], timeout=10)
     last_line = stderr.strip().splitlines()[-1]
     assert ranks[0].returncode == 1 and "Traceback" not in stderr, stderr
     assert last_line.startswith("error: another process of this run died or stopped answering (") and \

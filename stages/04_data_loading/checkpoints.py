@@ -49,6 +49,8 @@ def save_atomically(state, path):
         os.replace(tmp, path)  # atomic: a reader sees the old file set or the new one, never half a file
     except (OSError, RuntimeError) as error:  # a full disk or quota (torch reports some as RuntimeError)
         tmp.unlink(missing_ok=True)
+        if isinstance(error, RuntimeError) and not any(sign in str(error) for sign in ("inline_container", "write")):
+            raise  # not the file's (torch's writer names itself): a DataLoader worker that died meanwhile, say
         reason = str(error).strip().splitlines()[-1]
         raise common.UserError(f"cannot write {path} ({reason}): free some space or choose another --out_dir; "
                                "the checkpoints saved before are intact") from None  # fmt: skip

@@ -312,3 +312,5 @@ if __name__ == "__main__":
         if reason is None:
             traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
         sys.exit(f"error: {reason}" if reason else 1)
+    finally:
+        data_loading.end_workers()

@@ -7,8 +7,10 @@ into micro-batches.
 
 import functools
 import logging
+import multiprocessing
 import os
 import signal
+import traceback
 
 import torch
 from torch.utils.data import DataLoader
@@ -96,10 +98,23 @@ def make_loaders(cfg, data_dir, device, micro_batch, rank=0, world_size=1):
 
 
 def known_failure(error):
-    """One line for a DataLoader worker process that died (killed, often for want of memory), or None."""
+    """One line for a DataLoader worker process that died (killed, often for want of memory), or None. PyTorch says
+    so itself, or the main process finds the connection to the dead worker reset while it receives a batch."""
     text = str(error).strip()
-    if not (isinstance(error, RuntimeError) and text.startswith("DataLoader worker")):
+    said = isinstance(error, RuntimeError) and text.startswith("DataLoader worker")
+    frames = traceback.extract_tb(error.__traceback__)
+    receiving = isinstance(error, ConnectionError | EOFError) and any("utils/data" in f.filename for f in frames)
+    if not (said or receiving):
         return None
-    return (f"{text.splitlines()[0].rstrip('. ')}: a DataLoader worker process ended before training did (killed, "
-            "often for want of memory: try fewer --num_workers); the checkpoints are intact: run the same command "
-            "to resume")  # fmt: skip
+    what = text.splitlines()[0].rstrip(". ") if said else f"{type(error).__name__} while receiving a batch"
+    return (f"{what}: a DataLoader worker process ended before training did (killed, often for want of memory: "
+            "try fewer --num_workers); the checkpoints are intact: run the same command to resume")  # fmt: skip
+
+
+def end_workers():
+    """When the run ends, for whatever reason: end this process's DataLoader workers at once. After an error, the
+    loader may not have stopped them; multiprocessing's exit would then send them SIGTERM, which they ignore (see
+    start_worker), and wait for them for ever (seen after a worker was killed on a busy machine)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # PyTorch's handler would raise again for the workers ended here
+    for worker in multiprocessing.active_children():
+        worker.kill()

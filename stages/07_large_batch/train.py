@@ -388,3 +388,5 @@ if __name__ == "__main__":
             traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
         rank = distributed.launcher_place()[0]
         sys.exit(1 if reason is None else f"error: {reason}" if rank == 0 else f"error on rank {rank}: {reason}")
+    finally:
+        data_loading.end_workers()
