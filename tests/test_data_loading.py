@@ -84,7 +84,7 @@ KILL_STAGES = [LOADER_STAGES[0], LOADER_STAGES[-1]]  # data_loading.py's copies 
 def test_a_killed_worker_ends_the_run_with_one_line_and_the_same_command_resumes(stage, tmp_path, tiny_data):
     """SIGKILL to one DataLoader worker (as the kernel's out-of-memory killer would): one line that names the worker
     and says that the same command resumes, no traceback; then that command resumes from the last checkpoint."""
-    arguments = [stage / "train.py", "--config", "test", "--num_epochs", "3", "--out_dir", tmp_path / "run",
+    arguments = [stage / "train.py", "--config", "test", "--out_dir", tmp_path / "run",
                  "--data_root", tiny_data]  # fmt: skip
     process = subprocess.Popen([sys.executable, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
