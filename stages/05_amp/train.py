@@ -308,6 +308,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         sys.exit("error: interrupted (Ctrl-C)")
     except Exception as error:  # a worker that died, or an unexpected error (a GPU out of memory, say): end now
+        data_loading.end_workers()  # first: another worker ending now would raise again inside this handler
         reason = data_loading.known_failure(error) or compile_failure(error)
         if reason is None:
             traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
