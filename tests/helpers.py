@@ -3,12 +3,15 @@
 import fcntl
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,17 +26,49 @@ def setting(stage, name):
     return name if name in keys else {"batch_size": "global_batch_size", "lr": "base_lr"}[name]
 
 
-def run_python(*args, cwd, env=None, timeout=900, **popen):
-    """Run `python args...` in a subprocess from `cwd`, capturing its output as text."""
-    return subprocess.run(
-        [sys.executable, *map(str, args)],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **popen,
-    )
+def start(command, *, cwd=None, env=None, timeout=240, **popen):
+    """subprocess.Popen(command) in a process group of its own, which a watchdog kills whole (the DataLoader workers
+    and torchrun's ranks with it) if it still runs `timeout` seconds after it started: a hang costs its bound, not
+    the test session's, and leaves nothing running. `process.timed_out` says whether the watchdog struck."""
+    process = subprocess.Popen([str(part) for part in command], cwd=cwd, env=env, text=True, start_new_session=True,
+                               **popen)  # fmt: skip
+    process.timed_out = False
+
+    def kill():
+        if process.poll() is None:
+            process.timed_out = True
+            os.killpg(process.pid, signal.SIGKILL)
+
+    process.watchdog = threading.Timer(timeout, kill)
+    process.watchdog.daemon = True
+    process.watchdog.start()
+    return process
+
+
+def run(command, *, cwd=None, env=None, timeout=240, **popen):
+    """subprocess.run(command, capture_output=True, text=True), in its own process group, under start's watchdog."""
+    process = start(command, cwd=cwd, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    **popen)  # fmt: skip
+    stdout, stderr = process.communicate()
+    process.watchdog.cancel()
+    assert not process.timed_out, f"{process.args} still ran after {timeout} s: killed\n{stdout}\n{stderr}"
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_python(*args, cwd, env=None, timeout=240, **popen):
+    """Run `python args...` from `cwd` (the environment: this one, plus `env`), capturing its output as text."""
+    return run([sys.executable, *args], cwd=cwd, env={**os.environ, **(env or {})}, timeout=timeout, **popen)
+
+
+def read_until(process, text):
+    """Read a started process's output up to the line that holds `text`; return what was read."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return "".join(lines)
+    killed = " (killed by the watchdog)" if process.timed_out else ""
+    raise AssertionError(f"the run ended{killed} before printing {text!r}:\n{''.join(lines)}")
 
 
 def output_of(result):
@@ -73,12 +108,34 @@ def computed_once(tmp_path_factory, name, compute):
     return folder
 
 
-def communicate_or_kill(process, timeout):
-    """process.communicate(timeout=...); a process still running then is killed, with its own process group (start it
-    with start_new_session=True: its DataLoader workers are in it), before the test fails: nothing is left running."""
-    try:
-        return process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise AssertionError(f"{process.args} still ran after {timeout} s: killed") from None
+def finish(process):
+    """(stdout, stderr) of a process that start() started, once it ends (or its watchdog killed it: then the test
+    fails, saying so)."""
+    stdout, stderr = process.communicate()
+    process.watchdog.cancel()
+    assert not process.timed_out, f"{process.args} still ran after its time: killed\n{stdout}\n{stderr}"
+    return stdout, stderr
+
+
+def saved_by_the_stop(output):
+    """The checkpoint that a stopped run's last line names ("... received: saved <path> at step <n>; ...")."""
+    found = re.findall(r"received: saved (\S+) at step \d+;", output)
+    assert found, f"no checkpoint saved at a stop in:\n{output}"
+    return Path(found[-1])
+
+
+def assert_resumed_from(output, checkpoint):
+    """The exact line of a resume from `checkpoint` (a run from scratch, which ends with the same weights, prints
+    none), with the epoch and step that the file holds."""
+    state = torch.load(checkpoint, weights_only=True)
+    line = f"resuming from {checkpoint}: epoch {state['epoch'] + 1}, step {state['step']}\n"
+    assert line in output, f"no line {line!r} in:\n{output}"
+
+
+def final_state(out_dir):
+    """The newest checkpoint of a run folder, loaded."""
+    return torch.load(sorted((Path(out_dir) / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+
+
+def final_weights(out_dir):
+    return final_state(out_dir)["model"]

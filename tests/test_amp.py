@@ -7,15 +7,15 @@ import shutil
 import pytest
 import torch
 
-from helpers import REPO, SCRIPT_STAGES, output_of, run_python, stage_module
+from helpers import REPO, SCRIPT_STAGES, assert_resumed_from, output_of, run_python, saved_by_the_stop, stage_module
 
 STAGE = REPO / "stages" / "05_amp"
 TF32_STAGES = [stage for stage in SCRIPT_STAGES if "def use_tf32" in (stage / "train.py").read_text()]  # 05 on
 
 
-def train(out_dir, data_root, *extra):
+def train(out_dir, data_root, *extra, env=None):
     return run_python(STAGE / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root,
-                      *extra, cwd=out_dir.parent)  # fmt: skip
+                      *extra, cwd=out_dir.parent, env=env)  # fmt: skip
 
 
 def newest_checkpoint(out_dir):
@@ -72,7 +72,8 @@ def test_fp16_resume_is_bit_exact_and_keeps_the_loss_scale(tmp_path, tiny_data):
     stopped = train(resumed, tiny_data, *fp16, "--signal_at_step", "9")
     assert stopped.returncode == 3, output_of(stopped)
     result = train(resumed, tiny_data, *fp16)
-    assert result.returncode == 0 and "resuming from" in result.stdout, output_of(result)
+    assert result.returncode == 0, output_of(result)
+    assert_resumed_from(result.stdout, saved_by_the_stop(stopped.stdout))
 
     expected, got = newest_checkpoint(whole), newest_checkpoint(resumed)
     assert expected["scaler"] == got["scaler"]
@@ -82,20 +83,17 @@ def test_fp16_resume_is_bit_exact_and_keeps_the_loss_scale(tmp_path, tiny_data):
     assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
 
 
-def test_bf16_lands_within_the_spread_of_two_float32_seeds(tmp_path, tiny_data):
-    """Changing float32 to bf16 moves the validation loss no more than changing the seed does, and changes it
-    (autocast did run). On the `test` config: bf16 runs 8 times slower than float32 on a CPU without bf16
-    instructions, such as CI's, and `quick` would take 3 minutes in bf16 there. The README gives the `quick`
-    figures, measured once with stages/run_all.py."""
-    losses, runs = {}, {"fp32 seed 0": [], "fp32 seed 1": ["--seed", "1"], "bf16 seed 0": ["--precision", "bf16"]}
-    for name, extra in runs.items():
-        out_dir = tmp_path / name.replace(" ", "-")
-        result = train(out_dir, tiny_data, *extra)
-        assert result.returncode == 0, output_of(result)
-        losses[name] = summary(out_dir)["final_val_loss"]
-    assert summary(tmp_path / "bf16-seed-0")["settings"]["precision"] == "bf16"
-    seed_spread = abs(losses["fp32 seed 1"] - losses["fp32 seed 0"])
-    assert 0 < abs(losses["bf16 seed 0"] - losses["fp32 seed 0"]) <= seed_spread, losses
+def test_bf16_moves_the_validation_loss_a_little(tmp_path, tiny_data, uninterrupted_run):
+    """bf16 against float32 on the `test` config (bf16 runs 8 times slower than float32 on a CPU without bf16
+    instructions, such as CI's; the README gives the `quick` figures, measured once with stages/run_all.py).
+    It changes the final validation loss (autocast did run), by a little: 6.5e-4 relative, measured here (torch
+    2.14, CPU, 2026-12-03). The bound, 1 %, is 15 times that; a bf16 that is never applied moves it by exactly 0."""
+    result = train(tmp_path / "bf16", tiny_data, "--precision", "bf16")
+    assert result.returncode == 0, output_of(result)
+    assert summary(tmp_path / "bf16")["settings"]["precision"] == "bf16"
+    bf16, fp32 = (summary(run)["final_val_loss"] for run in (tmp_path / "bf16", uninterrupted_run(STAGE)))
+    print(f"final validation loss: fp32 {fp32:.6g}, bf16 {bf16:.6g}, relative difference {abs(bf16 / fp32 - 1):.2e}")
+    assert 0 < abs(bf16 / fp32 - 1) < 0.01
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ "
@@ -103,15 +101,19 @@ def test_bf16_lands_within_the_spread_of_two_float32_seeds(tmp_path, tiny_data):
 def test_compile_runs_and_its_checkpoints_load_without_it(tmp_path, tiny_data):
     """A compiled run checkpoints the model's own weights (no `_orig_mod.` prefix), so it resumes uncompiled.
     (A one-level U-Net: compiling the test config's three levels takes 90 s on CI's CPU, this one 20 s.)"""
-    out_dir = tmp_path / "run"
-    stopped = train(out_dir, tiny_data, "--depth", "1", "--compile", "true", "--signal_at_step", "3")
+    out_dir, inductor = tmp_path / "run", tmp_path / "inductor"
+    stopped = train(out_dir, tiny_data, "--depth", "1", "--compile", "true", "--signal_at_step", "3",
+                    env={"TORCHINDUCTOR_CACHE_DIR": str(inductor)})  # fmt: skip
     assert stopped.returncode == 3, output_of(stopped)
-    assert "compile True" in stopped.stdout and "first step: " in stopped.stdout, output_of(stopped)
+    # It compiled: the C++ that inductor generated for this model's graphs (the log's "compile True" only echoes it)
+    assert list(inductor.rglob("*.cpp")) and list(inductor.rglob("*.so")), "nothing was compiled"
     weights = newest_checkpoint(out_dir)["model"]
     assert not [key for key in weights if key.startswith("_orig_mod.")]
-    resumed = train(out_dir, tiny_data, "--depth", "1", "--compile", "false")
-    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
-    assert summary(out_dir)["first_step_s"] > 0
+    second = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "second")}
+    resumed = train(out_dir, tiny_data, "--depth", "1", "--compile", "false", env=second)
+    assert resumed.returncode == 0, output_of(resumed)
+    assert_resumed_from(resumed.stdout, saved_by_the_stop(stopped.stdout))
+    assert not list((tmp_path / "second").rglob("*.cpp")), "the resumed run compiled"  # (torch makes the folder)
 
 
 COMPILE_STAGES = [TF32_STAGES[0], TF32_STAGES[-1]]  # where torch.compile came in, and the newest

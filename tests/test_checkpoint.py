@@ -14,7 +14,18 @@ import pytest
 import torch
 
 import common
-from helpers import STAGES, computed_once, output_of, run_python, setting
+from helpers import (
+    STAGES,
+    assert_resumed_from,
+    final_state,
+    final_weights,
+    output_of,
+    read_until,
+    run_python,
+    saved_by_the_stop,
+    setting,
+    start,
+)
 
 # Every stage that checkpoints (it has a checkpoints.py) is tested for bit-exact resume after a stop signal.
 # The rest is code that each stage copies unchanged (checkpoints.py and predict.py: tests/test_docs.py checks the
@@ -33,30 +44,10 @@ def train(stage, out_dir, data_root, *extra, env=None, **popen):
                       *extra, cwd=out_dir.parent, env=env, **popen)  # fmt: skip
 
 
-def final_weights(out_dir):
-    newest = sorted((out_dir / "checkpoints").glob("step-*.pt"))[-1]
-    return torch.load(newest, weights_only=True)["model"]
-
-
 def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     different = [key for key in a if not torch.equal(a[key], b[key])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-@pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory, tiny_data):
-    """uninterrupted(stage): the final weights of an uninterrupted run of the test config, run once per session."""
-
-    def run(folder, stage):
-        result = train(stage, folder / "run", tiny_data)
-        assert result.returncode == 0, output_of(result)
-
-    def weights(stage):
-        folder = computed_once(tmp_path_factory, f"uninterrupted-{stage.name}", lambda f: run(f, stage))
-        return final_weights(folder / "run")
-
-    return weights
 
 
 # Every checkpointing stage resumes bit-exact mid-epoch; the first and the newest at every interruption point.
@@ -65,15 +56,27 @@ RESUME_CASES = [(stage, where) for stage in RESUME_STAGES for where in INTERRUPT
 
 
 @pytest.mark.parametrize(("stage", "where"), RESUME_CASES, ids=[f"{s.name}-{w}" for s, w in RESUME_CASES])
-def test_resumed_run_ends_bit_identical(stage, where, tmp_path, tiny_data, uninterrupted):
+def test_resumed_run_ends_bit_identical(stage, where, tmp_path, tiny_data, uninterrupted_run):
+    """The weights, the random generators and the summary's figures of the run end as in an uninterrupted run.
+    (The validation loader draws its workers' seed from torch's generator at every epoch: a resume that restored
+    no generator ends with another state. Nothing draws from Python's and NumPy's: they end as they were saved.)"""
     out_dir = tmp_path / "run"
     stopped = train(stage, out_dir, tiny_data, "--signal_at_step", INTERRUPTIONS[where])
     assert stopped.returncode == 3, output_of(stopped)
-    assert "SIGUSR1 received: saved" in stopped.stdout
+    saved = out_dir / "checkpoints" / f"step-{INTERRUPTIONS[where]:08d}.pt"
+    assert f"SIGUSR1 received: saved {saved} at step {INTERRUPTIONS[where]};" in stopped.stdout, output_of(stopped)
+    at_stop = torch.load(saved, weights_only=True)["rng"]
     resumed = train(stage, out_dir, tiny_data)
     assert resumed.returncode == 0, output_of(resumed)
-    assert f"step {INTERRUPTIONS[where]}" in resumed.stdout.split("resuming from")[1].splitlines()[0]
-    assert_same_weights(final_weights(out_dir), uninterrupted(stage))
+    assert_resumed_from(resumed.stdout, saved)
+    reference = uninterrupted_run(stage)
+    assert_same_weights(final_weights(out_dir), final_weights(reference))
+    end, reference_end = final_state(out_dir)["rng"], final_state(reference)["rng"]
+    assert torch.equal(end["torch"], reference_end["torch"]), "torch's generator ends elsewhere: not restored"
+    assert end["python"] == at_stop["python"] and torch.equal(end["numpy"][1], at_stop["numpy"][1])
+    summary, reference_summary = common.read_summary(out_dir), common.read_summary(reference)
+    for key in ("final_train_loss", "final_val_loss", "val_relative_l2", "steps"):
+        assert summary[key] == reference_summary[key], f"{key}: {summary[key]} resumed, {reference_summary[key]} not"
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
@@ -91,14 +94,12 @@ def interrupt(stage, out_dir, data_root, after_step, delay, signal_number):
     Slurm do) `delay` seconds after it logs step `after_step`. Returns its exit code and the rest of its output."""
     command = [sys.executable, stage / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each log line reaches us when it is written
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)  # its own process group  # fmt: skip
-    for line in process.stdout:
-        if f"step {after_step}/" in line:
-            break
+    process = start(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # its own process group
+    read_until(process, f"step {after_step}/")
     time.sleep(delay)
     os.killpg(process.pid, signal_number)
     rest = process.stdout.read()
+    assert not process.timed_out, f"still running 240 s after it started: killed\n{rest}"
     return process.wait(), rest
 
 
@@ -111,7 +112,8 @@ def test_sigterm_or_ctrl_c_saves_and_the_next_run_resumes(stage, signal_number, 
     code, output = interrupt(stage, out_dir, tiny_data, 8, 0.0, signal_number)
     assert code == 3 and f"{signal_number.name} received: saved" in output, output
     resumed = train(stage, out_dir, tiny_data)
-    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
+    assert resumed.returncode == 0, output_of(resumed)
+    assert_resumed_from(resumed.stdout, saved_by_the_stop(output))
     assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 
@@ -123,6 +125,8 @@ def kill_and_resume(stage, out_dir, data_root, after_step, delay):
     resumed = train(stage, out_dir, data_root)
     assert resumed.returncode == 0, output_of(resumed)
     assert "cannot be read" not in resumed.stdout, "a checkpoint on disk was corrupt: the save is not atomic"
+    if on_disk:  # the rerun continued from the newest, not from scratch (which would end with the same weights)
+        assert_resumed_from(resumed.stdout, on_disk[-1])
     return on_disk[-1].name if on_disk else "no checkpoint yet"
 
 
@@ -134,7 +138,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(stage, tmp_path, t
     newest.write_bytes(newest.read_bytes()[:5000])
     resumed = train(stage, out_dir, tiny_data)
     assert resumed.returncode == 0, output_of(resumed)
-    assert f"checkpoint {newest} cannot be read" in resumed.stdout and "step 8" in resumed.stdout
+    assert f"checkpoint {newest} cannot be read" in resumed.stdout
+    assert_resumed_from(resumed.stdout, out_dir / "checkpoints" / "step-00000008.pt")  # the one before, not scratch
     assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import common
-from helpers import REPO, SCRIPT_STAGES, communicate_or_kill, output_of, run_python, stage_module
+from helpers import REPO, SCRIPT_STAGES, finish, output_of, read_until, run_python, stage_module, start
 
 STAGE = REPO / "stages" / "04_data_loading"
 
@@ -86,15 +86,12 @@ def test_a_killed_worker_ends_the_run_with_one_line_and_the_same_command_resumes
     and says that the same command resumes, no traceback; then that command resumes from the last checkpoint."""
     arguments = [stage / "train.py", "--config", "test", "--out_dir", tmp_path / "run",
                  "--data_root", tiny_data]  # fmt: skip
-    process = subprocess.Popen([sys.executable, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                               start_new_session=True)  # fmt: skip
-    for line in process.stdout:
-        if "step 8/" in line:
-            break
+    process = start([sys.executable, *arguments], env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=120,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    read_until(process, "step 8/")
     workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
     os.kill(int(workers[0]), signal.SIGKILL)
-    stdout, stderr = communicate_or_kill(process, timeout=120)
+    stdout, stderr = finish(process)
     last_line = stderr.strip().splitlines()[-1]
     assert process.returncode == 1 and "Traceback" not in stderr, stderr
     # By when it noticed, PyTorch says "DataLoader worker (pid N) is killed by signal: Killed" or "(pid(s) N) exited

@@ -12,7 +12,19 @@ import pytest
 import torch
 
 import common
-from helpers import REPO, SCRIPT_STAGES, communicate_or_kill, computed_once, output_of, run_python, stage_module
+from helpers import (
+    REPO,
+    SCRIPT_STAGES,
+    assert_resumed_from,
+    computed_once,
+    finish,
+    output_of,
+    read_until,
+    run_python,
+    saved_by_the_stop,
+    stage_module,
+    start,
+)
 from test_checkpoint import assert_same_weights, final_weights
 
 STAGE = REPO / "stages" / "06_ddp"
@@ -81,18 +93,8 @@ def rank_process(parent_pid, rank):
 def start_torchrun(out_dir, data_root):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                STAGE / "train.py", "--config", "test", "--out_dir", out_dir, "--data_root", data_root]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
-
-
-def wait_for_line(process, text):
-    """Read the process's output up to the line that holds `text`; return what was read."""
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if text in line:
-            return "".join(lines)
-    raise AssertionError(f"the run ended before printing {text!r}:\n{''.join(lines)}")
+    return start(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=180, stdout=subprocess.PIPE,
+                 stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def test_a_signal_to_one_rank_stops_all_at_the_same_step_and_resume_is_bit_exact(tmp_path, tiny_data, two_ranks):
@@ -100,13 +102,13 @@ def test_a_signal_to_one_rank_stops_all_at_the_same_step_and_resume_is_bit_exact
     the rerun resumes and ends with the weights of an uninterrupted 2-process run, bit for bit."""
     out_dir = tmp_path / "run"
     job = start_torchrun(out_dir, tiny_data)
-    wait_for_line(job, "step 8/")
+    read_until(job, "step 8/")
     os.kill(rank_process(job.pid, 1), signal.SIGTERM)
-    output = job.stdout.read()
-    job.wait(timeout=120)
+    output, _ = finish(job)
     assert "a stop signal to another process received: saved" in output, output
     resumed = torchrun(out_dir, tiny_data)
-    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
+    assert resumed.returncode == 0, output_of(resumed)
+    assert_resumed_from(resumed.stdout, saved_by_the_stop(output))
     assert_same_weights(final_weights(out_dir), two_ranks)
 
 
@@ -114,15 +116,23 @@ def test_sigkill_of_the_whole_job_then_resume_is_bit_exact(tmp_path, tiny_data, 
     """Also: with no data yet, rank 0 alone generates them (once) while rank 1 waits."""
     out_dir, data_root = tmp_path / "run", tmp_path / "fresh_data"
     job = start_torchrun(out_dir, data_root)
-    output = wait_for_line(job, "step 16/")
+    output = read_until(job, "step 16/")
     assert output.count("generating it now") == 1, output
     time.sleep(0.1)
     os.killpg(job.pid, signal.SIGKILL)  # torchrun, both ranks and their data workers: no chance to save
-    job.wait(timeout=60)
-    assert sorted((out_dir / "checkpoints").glob("step-*.pt")), "no checkpoint before the kill: it tested nothing"
+    job.wait()
+    job.watchdog.cancel()
+    on_disk = sorted((out_dir / "checkpoints").glob("step-*.pt"))
+    assert on_disk, "no checkpoint before the kill: it tested nothing"
     resumed = torchrun(out_dir, data_root)
-    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, output_of(resumed)
+    assert resumed.returncode == 0, output_of(resumed)
+    assert_resumed_from(resumed.stdout, on_disk[-1])
     assert_same_weights(final_weights(out_dir), two_ranks)  # the data are generated the same, from their seed
+
+
+def test_one_process_without_a_launcher_trains_as_stage_05_bit_for_bit(uninterrupted):
+    """The README's claim: one process and no launcher is stage 05 (the same batches, the same arithmetic)."""
+    assert_same_weights(uninterrupted(STAGE), uninterrupted(REPO / "stages" / "05_amp"))
 
 
 def test_a_global_batch_that_does_not_divide_is_refused(tmp_path, tiny_data):
@@ -145,10 +155,10 @@ def test_ranks_started_with_different_settings_are_refused(tmp_path, tiny_data):
         command = [sys.executable, STAGE / "train.py", "--config", "test", "--seed", seed, "--data_root", tiny_data,
                    "--out_dir", tmp_path / "run"]  # fmt: skip
         rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        processes.append(subprocess.Popen(command, cwd=tmp_path, env=rank_env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))  # fmt: skip
+        processes.append(start(command, cwd=tmp_path, env=rank_env, timeout=120, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE))  # fmt: skip
     for rank, process in enumerate(processes):
-        out, err = process.communicate(timeout=120)
+        out, err = finish(process)
         assert process.returncode == 1 and "Traceback" not in err, f"rank {rank}: {out}{err}"
         expected = "rank 1 would train another run than rank 0 (seed 1 there, 0 on rank 0)"
         assert expected in err.strip().splitlines()[-1], f"rank {rank}: {err}"
@@ -197,15 +207,12 @@ def test_a_dead_rank_gives_one_line_on_each_surviving_rank(stage, tmp_path, tiny
            "PYTHONUNBUFFERED": "1"}  # fmt: skip
     command = [sys.executable, stage / "train.py", "--config", "test", "--num_epochs", "20", "--data_root", tiny_data,
                "--out_dir", tmp_path / "run"]  # fmt: skip
-    ranks = [subprocess.Popen(command, cwd=tmp_path, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for rank in (0, 1)]  # fmt: skip
-    for line in ranks[0].stdout:
-        if "step 8/" in line:
-            break
+    ranks = [start(command, cwd=tmp_path, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, timeout=120,
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]  # fmt: skip
+    read_until(ranks[0], "step 8/")
     ranks[1].kill()
-    _, stderr = communicate_or_kill(ranks[0], timeout=120)
-    communicate_or_kill(ranks[1], timeout=10)
+    _, stderr = finish(ranks[0])
+    finish(ranks[1])
     last_line = stderr.strip().splitlines()[-1]
     assert ranks[0].returncode == 1 and "Traceback" not in stderr, stderr
     assert last_line.startswith("error: another process of this run died or stopped answering (") and \

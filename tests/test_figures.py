@@ -2,13 +2,12 @@
 figure that script makes is shown in a README, and the script, run again, makes each of them."""
 
 import re
-import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
-from helpers import REPO
+from helpers import REPO, run
 
 sys.path.insert(0, str(REPO / "tutorial_images"))
 import make_figures  # noqa: E402
@@ -45,7 +44,7 @@ def test_every_figure_is_shown_and_nothing_else_lies_in_tutorial_images():
 def test_the_script_makes_every_figure_again(tmp_path):
     """Same names and sizes as the committed figures (pixels can differ between matplotlib versions)."""
     command = [sys.executable, IMAGES / "make_figures.py", "--out_dir", tmp_path]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = run(command, timeout=300)
     assert result.returncode == 0, result.stderr
     assert {path.name for path in tmp_path.glob("*.png")} == set(make_figures.FIGURES)
     for name in make_figures.FIGURES:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import common
-from helpers import REPO, SCRIPT_STAGES, output_of, run_python, stage_module
+from helpers import REPO, SCRIPT_STAGES, finish, output_of, read_until, run_python, stage_module, start
 from slurm_fixture import FINISHED, job_field, submit, wait_for_job
 from test_checkpoint import assert_same_weights, final_weights
 from wandb_files import run_files, run_record
@@ -166,13 +166,11 @@ def test_the_trap_requeues_only_a_run_that_stopped_early(train_exit, requeued, t
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "TUTORIAL_ENV": "none",
            "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "42", "EXIT_AFTER_USR1": str(train_exit)}  # fmt: skip
     script = REPO / "stages" / "03_checkpoint_restart" / "submit_pm.sh"
-    job = subprocess.Popen(["bash", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
-    for line in job.stdout:
-        if "fake srun running" in line:
-            break
+    job = start(["bash", script], cwd=tmp_path, env=env, timeout=30, stdout=subprocess.PIPE)
+    read_until(job, "fake srun running")
     job.send_signal(signal.SIGUSR1)
-    output = job.stdout.read()
-    assert job.wait(timeout=30) == train_exit, output
+    output, _ = finish(job)
+    assert job.returncode == train_exit, output
     calls = (tmp_path / "scontrol-calls").read_text() if (tmp_path / "scontrol-calls").exists() else ""
     assert calls == ("requeue 42\n" if requeued else ""), output
 

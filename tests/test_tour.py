@@ -1,17 +1,20 @@
 """The tour runs every stage in its `quick` config and prints one table with a row for each; every `quick`
 run beats the physics baseline (the first table a learner sees must not say the network loses to it)."""
 
+import math
+
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import common
-from helpers import REPO, STAGES, output_of, run_python
+from helpers import REPO, SCRIPT_STAGES, STAGES, output_of, run_python
 
 
 @pytest.fixture(scope="module")
 def tour(tmp_path_factory):
     """`python stages/run_all.py`, as the Quick start says: its output and its folder."""
     folder = tmp_path_factory.mktemp("tour")
-    result = run_python(REPO / "stages" / "run_all.py", "--out_dir", folder / "tour", cwd=folder)
+    result = run_python(REPO / "stages" / "run_all.py", "--out_dir", folder / "tour", cwd=folder, timeout=900)
     assert result.returncode == 0, output_of(result)
     return result.stdout, folder / "tour"
 
@@ -46,6 +49,29 @@ def test_tour_runs_data_parallel_stages_with_two_processes_and_only_rank_0_write
     assert "2 process(es), launcher torchrun: 16 samples of each batch of 32 per process" in log
     section = output.split(f"=== {stage.name} (quick) ===")[1].split("===")[0]
     assert section.count("done in") == 1, "rank 0 alone prints"
+
+
+@pytest.mark.xdist_group("tour")
+@pytest.mark.parametrize("stage", SCRIPT_STAGES, ids=lambda stage: stage.name)
+def test_each_stage_ran_from_another_folder_and_wrote_its_log_events_and_summary(stage, tour):
+    """The tour starts each train.py from its own working folder (not the repository), as a user may."""
+    _, folder = tour
+    out_dir = folder / stage.name
+    summary = common.read_summary(out_dir)
+    assert summary["stage"] == stage.name and summary["settings"]["config"] == "quick"
+    for key in ("final_train_loss", "final_val_loss", "val_relative_l2", "samples_per_s", "wall_time_s"):
+        assert math.isfinite(summary[key]) and summary[key] > 0, key
+    assert 0 <= summary["data_wait_share"] < 1
+    assert summary["hardware"] and summary["torch"]
+    log = (out_dir / "train.log").read_text()
+    assert "samples/s | data wait" in log and "ETA" in log and "done in" in log
+    events = EventAccumulator(str(out_dir / "tensorboard")).Reload()
+    assert {"train/loss", "train/lr", "val/loss", "val/relative_l2"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"], "a prediction image"
+    assert events.Scalars("val/relative_l2")[-1].value == pytest.approx(summary["val_relative_l2"], rel=1e-5)
+    learning_rates = [event.value for event in events.Scalars("train/lr")]
+    after_peak = learning_rates[learning_rates.index(max(learning_rates)) :]
+    assert after_peak == sorted(after_peak, reverse=True) and learning_rates[-1] < 1e-6  # cosine to zero
 
 
 def test_stages_side_by_side_with_settings_of_their_own(tmp_path):

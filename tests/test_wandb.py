@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import common
-from helpers import REPO, output_of, run_python, stage_module
+from helpers import REPO, finish, output_of, run, run_python, stage_module, start
 from wandb_files import history, run_files, run_record
 
 STAGE = REPO / "stages" / "08_wandb_sweeps"
@@ -28,12 +28,11 @@ def environment(**extra):
     return {**env, **NO_LOGIN, **extra}
 
 
-def train(out_dir, data_root, *extra, env=None, nproc=1, timeout=900):
+def train(out_dir, data_root, *extra, env=None, nproc=1, timeout=180):
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc] if nproc > 1 else []
-    return subprocess.run([sys.executable, *map(str, launcher), str(STAGE / "train.py"), "--config", "test",
-                           "--data_root", str(data_root), "--out_dir", str(out_dir), *map(str, extra)],
-                          cwd=out_dir.parent, env=env or environment(), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    command = [sys.executable, *launcher, STAGE / "train.py", "--config", "test", "--data_root", data_root,
+               "--out_dir", out_dir, *extra]  # fmt: skip
+    return run(command, cwd=out_dir.parent, env=env or environment(), timeout=timeout)
 
 
 def test_offline_run_holds_the_metrics_and_only_rank_0_writes(tmp_path, tiny_data):
@@ -47,11 +46,14 @@ def test_offline_run_holds_the_metrics_and_only_rank_0_writes(tmp_path, tiny_dat
     [piece] = run_files(out_dir)
     assert not list(tmp_path.glob("wandb")) and not (REPO / "wandb").exists(), "W&B wrote only into the run folder"
     rows = history(piece)
-    losses = {row["trainer/step"]: row["train/loss"] for row in rows if "train/loss" in row}
-    errors = {row["trainer/step"]: row["val/relative_l2"] for row in rows if "val/relative_l2" in row}
-    assert sorted(losses) == [8, 16, 24, 32] and sorted(errors) == [16, 32], rows
-    final_error = common.scalar_curve(out_dir, "val/relative_l2")[-1][2]
-    assert errors[32] == pytest.approx(final_error, rel=1e-6), "the W&B history holds what TensorBoard holds"
+    tags = ["train/loss", "train/lr", "perf/samples_per_s", "perf/data_wait_share", "val/loss", "val/relative_l2"]
+    for tag in tags:  # every value TensorBoard got (the mean over the ranks), at its step, and nothing else
+        in_wandb = {row["trainer/step"]: row[tag] for row in rows if tag in row}
+        in_tensorboard = {step: value for step, _, value in common.scalar_curve(out_dir, tag)}
+        assert in_wandb.keys() == in_tensorboard.keys(), (tag, sorted(in_wandb), sorted(in_tensorboard))
+        assert in_wandb == pytest.approx(in_tensorboard, rel=1e-6), tag  # TensorBoard keeps float32
+    assert sorted(row["trainer/step"] for row in rows if "train/loss" in row) == [8, 16, 24, 32]
+    assert sorted(row["trainer/step"] for row in rows if "val/loss" in row) == [16, 32]
     images = [row for row in rows if row.get("val/delta_truth_prediction_error/_type") == "image-file"]
     assert [row["trainer/step"] for row in images] == [16, 32], "an image every 16 steps, at validation"
     run = run_record(piece)
@@ -81,11 +83,11 @@ def test_a_trial_as_the_agent_delivers_it_reaches_every_rank(tmp_path, tiny_data
     agent_env = {**env, "RANK": "0", "LOCAL_RANK": "0", "WANDB_SWEEP_ID": "fakesweep", "WANDB_RUN_ID": "trial123"}
     trial_arguments = ["--config=test", "--base_lr=0.001", "--global_batch_size=64", "--wandb_mode=offline",
                        f"--data_root={tiny_data}"]
-    ranks = [subprocess.Popen([sys.executable, STAGE / "train.py", *trial_arguments], env=agent_env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-             subprocess.Popen([sys.executable, STAGE / "train.py"], env={**env, "RANK": "1", "LOCAL_RANK": "1"},
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]  # fmt: skip
-    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    ranks = [start([sys.executable, STAGE / "train.py", *trial_arguments], env=agent_env, cwd=tmp_path, timeout=120,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
+             start([sys.executable, STAGE / "train.py"], env={**env, "RANK": "1", "LOCAL_RANK": "1"}, cwd=tmp_path,
+                   timeout=120, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]  # fmt: skip
+    outputs = [finish(rank)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(outputs)
     sweep = stage_module(STAGE, "sweeps").sweep_folder("fakesweep")
     out_dir = sweep / "lr1e-3_gbs64-trial123"
