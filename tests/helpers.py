@@ -1,6 +1,7 @@
 """Small helpers the tests share: where things are, and running a script the way a user does."""
 
 import fcntl
+import hashlib
 import importlib.util
 import os
 import re
@@ -17,6 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 STAGES = sorted(p for p in (REPO / "stages").iterdir() if p.is_dir() and p.name[:2].isdigit())
 SCRIPT_STAGES = [p for p in STAGES if (p / "train.py").exists()]
+SPY = REPO / "tests" / "spy_run.py"  # runs a train.py and records what only the inside of the run sees
 
 
 def setting(stage, name):
@@ -27,9 +29,9 @@ def setting(stage, name):
 
 
 def start(command, *, cwd=None, env=None, timeout=240, **popen):
-    """subprocess.Popen(command) in a process group of its own, which a watchdog kills whole (the DataLoader workers
-    and torchrun's ranks with it) if it still runs `timeout` seconds after it started: a hang costs its bound, not
-    the test session's, and leaves nothing running. `process.timed_out` says whether the watchdog struck."""
+    """subprocess.Popen(command) in a process group of its own, which a watchdog kills with all its descendants
+    (DataLoader workers, torchrun's ranks) if it still runs `timeout` seconds after it started: a hang costs its
+    bound, not the test session's, and leaves nothing running. `process.timed_out` says whether the watchdog struck."""
     process = subprocess.Popen([str(part) for part in command], cwd=cwd, env=env, text=True, start_new_session=True,
                                **popen)  # fmt: skip
     process.timed_out = False
@@ -37,12 +39,38 @@ def start(command, *, cwd=None, env=None, timeout=240, **popen):
     def kill():
         if process.poll() is None:
             process.timed_out = True
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
 
     process.watchdog = threading.Timer(timeout, kill)
     process.watchdog.daemon = True
     process.watchdog.start()
     return process
+
+
+def process_tree(pid):
+    """`pid` and every process descended from it, parents first (from /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop(0))
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def kill_tree(pid):
+    """SIGKILL to `pid` and all its descendants at once, as Slurm ends a job (all processes of its cgroup). Killing
+    the process group is not enough: torchrun starts each rank in a session of its own."""
+    for member in process_tree(pid):
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def run(command, *, cwd=None, env=None, timeout=240, **popen):
@@ -125,16 +153,21 @@ def saved_by_the_stop(output):
 
 
 def assert_resumed_from(output, checkpoint):
-    """The exact line of a resume from `checkpoint` (a run from scratch, which ends with the same weights, prints
-    none), with the epoch and step that the file holds."""
-    state = torch.load(checkpoint, weights_only=True)
-    line = f"resuming from {checkpoint}: epoch {state['epoch'] + 1}, step {state['step']}\n"
-    assert line in output, f"no line {line!r} in:\n{output}"
+    """The exact line of a resume from `checkpoint`, step-<N>.pt (a run from scratch, which ends with the same
+    weights, prints none). (The epoch is not read from the file: a resumed run may have saved that step again.)"""
+    step = int(Path(checkpoint).stem.removeprefix("step-"))
+    line = rf"resuming from {re.escape(str(checkpoint))}: epoch \d+, step {step}$"
+    assert re.search(line, output, re.MULTILINE), f"no line {line!r} in:\n{output}"
 
 
 def final_state(out_dir):
     """The newest checkpoint of a run folder, loaded."""
     return torch.load(sorted((Path(out_dir) / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+
+
+def rng_fingerprint(state):
+    """A random generator's state (a uint8 tensor, as torch.get_rng_state returns it), short."""
+    return hashlib.sha256(state.numpy().tobytes()).hexdigest()
 
 
 def final_weights(out_dir):

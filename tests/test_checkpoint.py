@@ -15,12 +15,14 @@ import torch
 
 import common
 from helpers import (
+    SPY,
     STAGES,
     assert_resumed_from,
     final_state,
     final_weights,
     output_of,
     read_until,
+    rng_fingerprint,
     run_python,
     saved_by_the_stop,
     setting,
@@ -57,22 +59,25 @@ RESUME_CASES = [(stage, where) for stage in RESUME_STAGES for where in INTERRUPT
 
 @pytest.mark.parametrize(("stage", "where"), RESUME_CASES, ids=[f"{s.name}-{w}" for s, w in RESUME_CASES])
 def test_resumed_run_ends_bit_identical(stage, where, tmp_path, tiny_data, uninterrupted_run):
-    """The weights, the random generators and the summary's figures of the run end as in an uninterrupted run.
-    (The validation loader draws its workers' seed from torch's generator at every epoch: a resume that restored
-    no generator ends with another state. Nothing draws from Python's and NumPy's: they end as they were saved.)"""
+    """The weights and the summary's figures of the run end as in an uninterrupted run, and the resumed run goes on
+    from the random generators' states saved at the stop: torch's is the one its first loader starts from (tests/
+    spy_run.py records it; each loader draws its workers' seed from it), and Python's and NumPy's, from which
+    nothing draws, end as they were saved."""
     out_dir = tmp_path / "run"
     stopped = train(stage, out_dir, tiny_data, "--signal_at_step", INTERRUPTIONS[where])
     assert stopped.returncode == 3, output_of(stopped)
     saved = out_dir / "checkpoints" / f"step-{INTERRUPTIONS[where]:08d}.pt"
     assert f"SIGUSR1 received: saved {saved} at step {INTERRUPTIONS[where]};" in stopped.stdout, output_of(stopped)
     at_stop = torch.load(saved, weights_only=True)["rng"]
-    resumed = train(stage, out_dir, tiny_data)
+    resumed = run_python(SPY, tmp_path / "record.json", stage / "train.py", "--config", "test", "--out_dir", out_dir,
+                         "--data_root", tiny_data, cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, output_of(resumed)
     assert_resumed_from(resumed.stdout, saved)
     reference = uninterrupted_run(stage)
     assert_same_weights(final_weights(out_dir), final_weights(reference))
-    end, reference_end = final_state(out_dir)["rng"], final_state(reference)["rng"]
-    assert torch.equal(end["torch"], reference_end["torch"]), "torch's generator ends elsewhere: not restored"
+    first_loader = json.loads((tmp_path / "record-rank0.json").read_text())["loaders"][0]
+    assert first_loader["torch_rng"] == rng_fingerprint(at_stop["torch"]), "torch's generator was not restored"
+    end = final_state(out_dir)["rng"]
     assert end["python"] == at_stop["python"] and torch.equal(end["numpy"][1], at_stop["numpy"][1])
     summary, reference_summary = common.read_summary(out_dir), common.read_summary(reference)
     for key in ("final_train_loss", "final_val_loss", "val_relative_l2", "steps"):
@@ -319,8 +324,10 @@ def test_a_resume_from_an_older_checkpoint_starts_a_branch_and_deletes_nothing(s
     assert checkpoint_files(aside) == {name: abandoned[name] for name in ("best.pt", "step-00000016.pt",
                                                                           "step-00000020.pt")}  # fmt: skip
     assert list((aside / "tensorboard").glob("events.out.tfevents.*"))
-    assert older.exists() and sorted(path.name for path in checkpoints.glob("step-*.pt")) == [older.name,
-                                                                                              "step-00000020.pt"]
+    assert older.exists() and sorted(path.name for path in checkpoints.glob("step-*.pt")) == [
+        older.name,
+        "step-00000020.pt",
+    ]
     assert f"to resume, run it again with --resume auto (not --resume {older})" in branch.stdout
     resumed = train(stage, out_dir, tiny_data)
     assert resumed.returncode == 0 and f"resuming from {checkpoints / 'step-00000020.pt'}: " in resumed.stdout, \

@@ -18,6 +18,7 @@ from helpers import (
     assert_resumed_from,
     computed_once,
     finish,
+    kill_tree,
     output_of,
     read_until,
     run_python,
@@ -116,14 +117,15 @@ def test_sigkill_of_the_whole_job_then_resume_is_bit_exact(tmp_path, tiny_data, 
     """Also: with no data yet, rank 0 alone generates them (once) while rank 1 waits."""
     out_dir, data_root = tmp_path / "run", tmp_path / "fresh_data"
     job = start_torchrun(out_dir, data_root)
-    output = read_until(job, "step 16/")
+    output = read_until(job, "step 8/")
     assert output.count("generating it now") == 1, output
     time.sleep(0.1)
-    os.killpg(job.pid, signal.SIGKILL)  # torchrun, both ranks and their data workers: no chance to save
+    kill_tree(job.pid)  # torchrun, both ranks and their data workers: no chance to save
     job.wait()
     job.watchdog.cancel()
     on_disk = sorted((out_dir / "checkpoints").glob("step-*.pt"))
     assert on_disk, "no checkpoint before the kill: it tested nothing"
+    assert on_disk[-1].name != "step-00000032.pt", "the kill came after the run had finished: it tested nothing"
     resumed = torchrun(out_dir, data_root)
     assert resumed.returncode == 0, output_of(resumed)
     assert_resumed_from(resumed.stdout, on_disk[-1])

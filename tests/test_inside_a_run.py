@@ -7,10 +7,9 @@ import json
 import pytest
 
 import common
-from helpers import REPO, STAGES, computed_once, output_of, run_python
+from helpers import SPY, STAGES, computed_once, output_of, run_python
 from test_checkpoint import final_weights
 
-SPY = REPO / "tests" / "spy_run.py"
 ONE_PROCESS = [stage for stage in STAGES if stage.name[:2] in ("03", "04")]  # a loader per epoch; the EpochSampler
 DDP_STAGES = [stage for stage in STAGES if (stage / "distributed.py").exists()]
 TWO_PROCESSES = [DDP_STAGES[0], DDP_STAGES[-1]]  # the ranks' shares, from stage 06 on (07 adds micro-batches)
