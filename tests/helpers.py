@@ -3,6 +3,7 @@
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -172,3 +173,13 @@ def rng_fingerprint(state):
 
 def final_weights(out_dir):
     return final_state(out_dir)["model"]
+
+
+def spied_run(stage, folder, data_root, nproc):
+    """A run of the test config (2 epochs, the loss logged at every step) under tests/spy_run.py: its folder and
+    what each rank recorded."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc] if nproc > 1 else []
+    arguments = ["--config", "test", "--log_every", "1", "--out_dir", folder / "run", "--data_root", data_root]
+    result = run_python(*launcher, SPY, folder / "record.json", stage / "train.py", *arguments, cwd=folder)
+    assert result.returncode == 0, output_of(result)
+    return [json.loads((folder / f"record-rank{rank}.json").read_text()) for rank in range(nproc)]

@@ -3,7 +3,9 @@
 import importlib.util
 import json
 import os
+import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,16 +60,16 @@ RESUME_CASES = [(stage, where) for stage in RESUME_STAGES for where in INTERRUPT
 
 
 @pytest.mark.parametrize(("stage", "where"), RESUME_CASES, ids=[f"{s.name}-{w}" for s, w in RESUME_CASES])
-def test_resumed_run_ends_bit_identical(stage, where, tmp_path, tiny_data, uninterrupted_run):
+def test_resumed_run_ends_bit_identical(stage, where, tmp_path, tiny_data, stopped_run, uninterrupted_run):
     """The weights and the summary's figures of the run end as in an uninterrupted run, and the resumed run goes on
     from the random generators' states saved at the stop: torch's is the one its first loader starts from (tests/
     spy_run.py records it; each loader draws its workers' seed from it), and Python's and NumPy's, from which
     nothing draws, end as they were saved."""
-    out_dir = tmp_path / "run"
-    stopped = train(stage, out_dir, tiny_data, "--signal_at_step", INTERRUPTIONS[where])
-    assert stopped.returncode == 3, output_of(stopped)
-    saved = out_dir / "checkpoints" / f"step-{INTERRUPTIONS[where]:08d}.pt"
-    assert f"SIGUSR1 received: saved {saved} at step {INTERRUPTIONS[where]};" in stopped.stdout, output_of(stopped)
+    step = INTERRUPTIONS[where]
+    out_dir = stopped_run(stage, step, tmp_path / "run")
+    saved = out_dir / "checkpoints" / f"step-{step:08d}.pt"
+    log = (out_dir / "train.log").read_text()  # the stopped run's log (it ran in the folder this is a copy of)
+    assert re.search(rf"SIGUSR1 received: saved \S+/checkpoints/{saved.name} at step {step};", log), log
     at_stop = torch.load(saved, weights_only=True)["rng"]
     resumed = run_python(SPY, tmp_path / "record.json", stage / "train.py", "--config", "test", "--out_dir", out_dir,
                          "--data_root", tiny_data, cwd=tmp_path)  # fmt: skip
@@ -84,8 +86,11 @@ def test_resumed_run_ends_bit_identical(stage, where, tmp_path, tiny_data, unint
         assert summary[key] == reference_summary[key], f"{key}: {summary[key]} resumed, {reference_summary[key]} not"
 
 
-@pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
-@pytest.mark.parametrize(("after_step", "delay"), [(8, 0.02), (16, 0.15)])
+# Two moments on the first stage (its README says so), the later one on the newest.
+KILLS = [(ENDS[0], 8, 0.02), (ENDS[0], 16, 0.15), (ENDS[-1], 16, 0.15)]
+
+
+@pytest.mark.parametrize(("stage", "after_step", "delay"), KILLS, ids=[f"{a}-{d}-{s.name}" for s, a, d in KILLS])
 def test_sigkill_at_any_moment_then_resume(stage, after_step, delay, tmp_path, tiny_data, uninterrupted):
     """SIGKILL gives no chance to save: whatever moment it strikes, the resumed run completes the same."""
     out_dir = tmp_path / "run"
@@ -135,16 +140,20 @@ def kill_and_resume(stage, out_dir, data_root, after_step, delay):
     return on_disk[-1].name if on_disk else "no checkpoint yet"
 
 
+# Tests that resume, damage or refuse a stopped run each get a copy of one of the runs above, run once per session
+# (stopped_run in tests/conftest.py): stopped at step 5 (checkpoints 4 and 5) or 27 (20, 24, 27; best.pt of 16).
+EARLY, LATE = INTERRUPTIONS["mid-epoch"], INTERRUPTIONS["late"]
+
+
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(stage, tmp_path, tiny_data, uninterrupted):
-    out_dir = tmp_path / "run"
-    assert train(stage, out_dir, tiny_data, "--signal_at_step", 10).returncode == 3
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(stage, tmp_path, tiny_data, stopped_run, uninterrupted):
+    out_dir = stopped_run(stage, EARLY, tmp_path / "run")
     newest = sorted((out_dir / "checkpoints").glob("step-*.pt"))[-1]
     newest.write_bytes(newest.read_bytes()[:5000])
     resumed = train(stage, out_dir, tiny_data)
     assert resumed.returncode == 0, output_of(resumed)
     assert f"checkpoint {newest} cannot be read" in resumed.stdout
-    assert_resumed_from(resumed.stdout, out_dir / "checkpoints" / "step-00000008.pt")  # the one before, not scratch
+    assert_resumed_from(resumed.stdout, out_dir / "checkpoints" / "step-00000004.pt")  # the one before, not scratch
     assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 
@@ -188,11 +197,10 @@ def expect_one_line_error(result, *fragments):
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
-def test_resume_none_starts_over_and_keeps_the_earlier_run(stage, tmp_path, tiny_data, uninterrupted):
+def test_resume_none_starts_over_and_keeps_the_earlier_run(stage, tmp_path, tiny_data, stopped_run, uninterrupted):
     """--resume none trains from scratch; the earlier run's files move to earlier/, so a later --resume auto
     continues the new run, never the old one (whose checkpoints have higher step numbers)."""
-    out_dir = tmp_path / "run"
-    assert train(stage, out_dir, tiny_data, "--signal_at_step", 20).returncode == 3
+    out_dir = stopped_run(stage, LATE, tmp_path / "run")
     old_files = checkpoint_files(out_dir)
     restarted = train(stage, out_dir, tiny_data, "--resume", "none", "--signal_at_step", 8)
     assert restarted.returncode == 3 and "resuming from" not in restarted.stdout, output_of(restarted)
@@ -206,13 +214,14 @@ def test_resume_none_starts_over_and_keeps_the_earlier_run(stage, tmp_path, tiny
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
 @pytest.mark.parametrize("earlier", ["finished", "interrupted"])
-def test_resume_with_other_settings_is_refused(stage, earlier, tmp_path, tiny_data):
+def test_resume_with_other_settings_is_refused(stage, earlier, tmp_path, tiny_data, stopped_run, uninterrupted_run):
     """A rerun with another learning rate, batch or model must not print the old result, nor continue the old run
     with the new settings: it stops, names the differences and the two ways out, and leaves every file as it was.
     (A new --out_dir for the new experiment is what every other test here does.)"""
-    out_dir = tmp_path / "run"
-    first = train(stage, out_dir, tiny_data, *(["--signal_at_step", "10"] if earlier == "interrupted" else []))
-    assert first.returncode == (0 if earlier == "finished" else 3), output_of(first)
+    if earlier == "finished":
+        out_dir = shutil.copytree(uninterrupted_run(stage), tmp_path / "run")
+    else:
+        out_dir = stopped_run(stage, EARLY, tmp_path / "run")
     files = checkpoint_files(out_dir)
     summary = (out_dir / "summary.json").read_bytes() if earlier == "finished" else None
     lr, batch = setting(stage, "lr"), setting(stage, "batch_size")
@@ -231,15 +240,14 @@ def limit_file_size():
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
-def test_full_disk_during_a_checkpoint_loses_nothing(stage, tmp_path, tiny_data, uninterrupted):
-    out_dir = tmp_path / "run"
-    assert train(stage, out_dir, tiny_data, "--signal_at_step", 8).returncode == 3
+def test_full_disk_during_a_checkpoint_loses_nothing(stage, tmp_path, tiny_data, stopped_run, uninterrupted):
+    out_dir = stopped_run(stage, EARLY, tmp_path / "run")
     saved = checkpoint_files(out_dir)
     full = train(stage, out_dir, tiny_data, preexec_fn=limit_file_size)
-    expect_one_line_error(full, "cannot write", "step-00000012.pt", "free some space")
+    expect_one_line_error(full, "cannot write", "step-00000008.pt", "free some space")
     assert checkpoint_files(out_dir) == saved, "no temporary file left behind, the saved checkpoints untouched"
     resumed = train(stage, out_dir, tiny_data)
-    assert resumed.returncode == 0 and "step-00000008.pt" in resumed.stdout, output_of(resumed)
+    assert_resumed_from(resumed.stdout, out_dir / "checkpoints" / "step-00000005.pt")
     assert_same_weights(final_weights(out_dir), uninterrupted(stage))
 
 
@@ -263,11 +271,9 @@ def test_summary_of_a_resumed_run_describes_the_whole_run(stage, tmp_path, tiny_
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
-def test_resume_from_best_pt_says_what_to_use(stage, tmp_path, tiny_data):
-    out_dir = tmp_path / "run"
-    assert train(stage, out_dir, tiny_data, "--num_epochs", "1").returncode == 0
-    result = train(stage, tmp_path / "other", tiny_data, "--num_epochs", "1",
-                   "--resume", out_dir / "checkpoints" / "best.pt")  # fmt: skip
+def test_resume_from_best_pt_says_what_to_use(stage, tmp_path, tiny_data, uninterrupted_run):
+    best = uninterrupted_run(stage) / "checkpoints" / "best.pt"
+    result = train(stage, tmp_path / "other", tiny_data, "--resume", best)
     expect_one_line_error(result, "best.pt holds no training state", "step-*.pt")
 
 
@@ -294,11 +300,10 @@ def test_cuda_resume_is_bit_exact_with_deterministic_true(stage, tmp_path, tiny_
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
-def test_predict_scores_best_pt_on_the_data_it_was_trained_on(stage, tmp_path, tiny_data):
+def test_predict_scores_best_pt_on_the_data_it_was_trained_on(stage, tmp_path, tiny_data, uninterrupted_run):
     """predict.py reproduces the run's own validation error from best.pt, on the checkpoint's own preset ('tiny'),
     not on its default ('small', which it would then generate)."""
-    out_dir = tmp_path / "run"
-    assert train(stage, out_dir, tiny_data).returncode == 0
+    out_dir = uninterrupted_run(stage)
     summary = common.read_summary(out_dir)
     result = run_python(stage / "predict.py", out_dir / "checkpoints" / "best.pt", "--data_root", tiny_data,
                         cwd=tmp_path)  # fmt: skip
@@ -309,12 +314,11 @@ def test_predict_scores_best_pt_on_the_data_it_was_trained_on(stage, tmp_path, t
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
 def test_a_resume_from_an_older_checkpoint_starts_a_branch_and_deletes_nothing(stage, tmp_path, tiny_data,
-                                                                               uninterrupted):  # fmt: skip
+                                                                               stopped_run, uninterrupted):  # fmt: skip
     """--resume <an older checkpoint of the folder>: the newer checkpoints (and best.pt, and the TensorBoard events
     as they were) move to earlier/<time>-branch-*/, unchanged; pruning never deletes the file resumed from, even with
     --keep_last 1; the stop line says how to resume the new branch, and the next automatic resume continues it."""
-    out_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    assert train(stage, out_dir, tiny_data, "--signal_at_step", "20").returncode == 3
+    out_dir, checkpoints = stopped_run(stage, 20, tmp_path / "run"), tmp_path / "run" / "checkpoints"
     abandoned = checkpoint_files(out_dir)  # best.pt of step 16, and the checkpoints of steps 12, 16 and 20
     older = checkpoints / "step-00000012.pt"
     branch = train(stage, out_dir, tiny_data, "--resume", older, "--keep_last", "1", "--signal_at_step", "20")
@@ -336,15 +340,14 @@ def test_a_resume_from_an_older_checkpoint_starts_a_branch_and_deletes_nothing(s
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
-def test_when_no_checkpoint_can_be_read_the_run_stops_and_names_them(stage, tmp_path, tiny_data):
+def test_when_no_checkpoint_can_be_read_the_run_stops_and_names_them(stage, tmp_path, tiny_data, stopped_run):
     """Every checkpoint unreadable: one line naming them and both ways on; nothing trained, nothing changed."""
-    out_dir = tmp_path / "run"
-    assert train(stage, out_dir, tiny_data, "--signal_at_step", "20").returncode == 3
+    out_dir = stopped_run(stage, LATE, tmp_path / "run")
     for path in (out_dir / "checkpoints").glob("step-*.pt"):
         path.write_bytes(path.read_bytes()[:5000])
     files = checkpoint_files(out_dir)
     result = train(stage, out_dir, tiny_data)
-    expect_one_line_error(result, "no checkpoint in", "step-00000020.pt, step-00000016.pt, step-00000012.pt",
+    expect_one_line_error(result, "no checkpoint in", "step-00000027.pt, step-00000024.pt, step-00000020.pt",
                           "--resume none", "--resume <a checkpoint>")  # fmt: skip
     assert checkpoint_files(out_dir) == files
 
@@ -363,14 +366,13 @@ def tiny_copies(tiny_data):
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
-def test_data_of_another_preset_or_other_data_are_refused(stage, tmp_path, tiny_data, tiny_copies):
+def test_data_of_another_preset_or_other_data_are_refused(stage, tmp_path, tiny_data, tiny_copies, stopped_run):
     """A folder named for one preset that holds another's files is refused before training; a resume on other data
     (here: the data regenerated after a change, with another fingerprint) is refused, naming the difference."""
     mislabelled = tiny_copies(tmp_path / "mislabelled", preset="small")
     result = train(stage, tmp_path / "run1", tmp_path / "mislabelled", "--data_preset", "small")
     expect_one_line_error(result, f"{mislabelled} does not hold preset 'small'", "python data/generate.py")
-    out_dir = tmp_path / "run2"
-    assert train(stage, out_dir, tiny_data, "--signal_at_step", "8").returncode == 3
+    out_dir = stopped_run(stage, EARLY, tmp_path / "run2")
     other = tiny_copies(tmp_path / "other")
     meta = json.loads((other / "meta.json").read_text())
     original = meta["fingerprint"]

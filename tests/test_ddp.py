@@ -16,7 +16,6 @@ from helpers import (
     REPO,
     SCRIPT_STAGES,
     assert_resumed_from,
-    computed_once,
     finish,
     kill_tree,
     output_of,
@@ -39,14 +38,10 @@ def torchrun(out_dir, data_root, *extra, nproc=2, **popen):
 
 
 @pytest.fixture(scope="session")
-def two_ranks(tmp_path_factory, tiny_data):
-    """The final weights of an uninterrupted run with 2 processes (run once per session)."""
-
-    def run(folder):
-        result = torchrun(folder / "run", tiny_data)
-        assert result.returncode == 0, output_of(result)
-
-    return final_weights(computed_once(tmp_path_factory, "two_ranks", run) / "run")
+def two_ranks(two_process_runs):
+    """The final weights of an uninterrupted run with 2 processes (tests/conftest.py: run once per session)."""
+    folder, _ = two_process_runs(STAGE)
+    return final_weights(folder / "run")
 
 
 def checkpoint_after_one_step(out_dir, data_root, nproc):

@@ -7,35 +7,13 @@ import json
 import pytest
 
 import common
-from helpers import SPY, STAGES, computed_once, output_of, run_python
+from helpers import STAGES, output_of, run_python, spied_run
 from test_checkpoint import final_weights
 
 ONE_PROCESS = [stage for stage in STAGES if stage.name[:2] in ("03", "04")]  # a loader per epoch; the EpochSampler
 DDP_STAGES = [stage for stage in STAGES if (stage / "distributed.py").exists()]
 TWO_PROCESSES = [DDP_STAGES[0], DDP_STAGES[-1]]  # the ranks' shares, from stage 06 on (07 adds micro-batches)
 EPOCH = 512  # the samples of one epoch of the test config (16 batches of 32): tiny has 512 training samples
-
-
-def spied_run(stage, folder, data_root, nproc):
-    """A run of the test config (2 epochs, the loss logged at every step) under tests/spy_run.py: its folder and
-    what each rank recorded."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc] if nproc > 1 else []
-    arguments = ["--config", "test", "--log_every", "1", "--out_dir", folder / "run", "--data_root", data_root]
-    result = run_python(*launcher, SPY, folder / "record.json", stage / "train.py", *arguments, cwd=folder)
-    assert result.returncode == 0, output_of(result)
-    return [json.loads((folder / f"record-rank{rank}.json").read_text()) for rank in range(nproc)]
-
-
-@pytest.fixture(scope="session")
-def two_process_runs(tmp_path_factory):
-    """run(stage): (folder, records) of a 2-process run that also generated its data (run once per session)."""
-
-    def run(stage):
-        folder = computed_once(tmp_path_factory, f"spied-2-{stage.name}",
-                               lambda folder: spied_run(stage, folder, folder / "data", 2))  # fmt: skip
-        return folder, [json.loads((folder / f"record-rank{rank}.json").read_text()) for rank in range(2)]
-
-    return run
 
 
 def loaders(record, split):

@@ -23,6 +23,7 @@ SUBMIT_STAGES = [stage for stage in SCRIPT_STAGES if (stage / "submit_pm.sh").ex
 SUBMIT_STAGES = list(dict.fromkeys([SUBMIT_STAGES[0], SUBMIT_STAGES[-1]]))
 NEWEST = SUBMIT_STAGES[-1]
 DISTRIBUTED = (NEWEST / "distributed.py").exists()
+RESUME_BOUND_4_PROCESSES = 1e-5  # provisional: measured below
 
 
 def sbatch_wait(env, *arguments, cwd=REPO):
@@ -43,12 +44,11 @@ def test_submit_script_runs_a_stage(stage, local_slurm, tmp_path):
     env = {**local_slurm, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{local_slurm['PATH']}"}
     out_dir = tmp_path / "run"
     distributed = (stage / "distributed.py").exists()
-    config = "quick" if distributed else "test"  # stage 06 on: 4 processes on `quick`, as the README shows
     code, output = sbatch_wait(env, "-A", "tutorial", stage.relative_to(REPO) / "submit_pm.sh",
-                               "--config", config, "--out_dir", out_dir)  # fmt: skip
+                               "--config", "test", "--out_dir", out_dir)  # fmt: skip
     assert code == 0, output
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["stage"] == stage.name and summary["settings"]["config"] == config
+    assert summary["stage"] == stage.name and summary["settings"]["config"] == "test"
     assert summary["val_relative_l2"] < 1.0
     assert "environment: TUTORIAL_ENV=" in output and "done in" in output, output
     if distributed:
@@ -89,7 +89,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_pat
     one process. With 4, the first step after a resume groups the gradients for summing otherwise (DDP regroups
     them after the first step of every process), so the weights agree to rounding, not bit for bit: the final
     validation loss to 1 %. (With 2 processes resume is bit-exact: tests/test_ddp.py.)"""
-    arguments = ["--config", "test", "--num_epochs", "6", "--data_root", tiny_data]
+    arguments = ["--config", "test", "--num_epochs", "3", "--data_root", tiny_data]  # 48 steps, stopped after 16
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"] if DISTRIBUTED else []
     reference = run_python(*launcher, NEWEST / "train.py", *arguments, "--out_dir", tmp_path / "reference",
                            cwd=tmp_path)  # fmt: skip
@@ -109,7 +109,9 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_pat
     else:
         resumed, uninterrupted = (common.read_summary(folder) for folder in (out_dir, tmp_path / "reference"))
         assert resumed["world_size"] == uninterrupted["world_size"] == 4
-        assert resumed["final_val_loss"] == pytest.approx(uninterrupted["final_val_loss"], rel=0.01)
+        for key in ("final_train_loss", "final_val_loss"):
+            print(f"{key}: {resumed[key]:.8g} resumed, {uninterrupted[key]:.8g} uninterrupted")
+            assert resumed[key] == pytest.approx(uninterrupted[key], rel=RESUME_BOUND_4_PROCESSES), key
 
 
 @pytest.mark.skipif(not DISTRIBUTED, reason="from stage 06 on")
@@ -181,7 +183,7 @@ def test_the_torchrun_variant_checkpoints_requeues_and_resumes_bit_exact(local_s
     with --gpus-per-node=2, so that resume is bit-exact, as tests/test_ddp.py shows for 2 processes). The time-limit
     signal reaches the processes through torchrun (--signals-to-handle); they checkpoint and stop, torchrun exits
     with its own code, the job requeues itself and ends with the weights of an uninterrupted 2-process run."""
-    arguments = ["--config", "test", "--num_epochs", "6", "--data_root", tiny_data]
+    arguments = ["--config", "test", "--num_epochs", "3", "--data_root", tiny_data]  # 48 steps, stopped after 16
     reference = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", NEWEST / "train.py",
                            *arguments, "--out_dir", tmp_path / "reference", cwd=tmp_path)  # fmt: skip
     assert reference.returncode == 0, output_of(reference)
@@ -235,7 +237,7 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
     (bin_dir / "wandb").write_text(FAKE_AGENT.format(python=sys.executable))
     (bin_dir / "wandb").chmod(0o755)
     calls = tmp_path / "agent-calls"
-    trial_arguments = (f"--config=test --wandb_mode=offline --num_epochs=6 --base_lr=0.001 --global_batch_size=64 "
+    trial_arguments = (f"--config=test --wandb_mode=offline --num_epochs=4 --base_lr=0.001 --global_batch_size=64 "
                        f"--data_root={tiny_data}")
     path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), local_slurm["PATH"]])
     # TUTORIAL_ENV=none: the Python first on PATH (this one), and no venv activation that would put the real
@@ -245,7 +247,7 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
            "FAKE_RUN_ID": "trial42", "FAKE_TRIAL_ARGUMENTS": trial_arguments, "WANDB_PROJECT": "my-default-project",
            "WANDB_ENTITY": "my-default-entity"}  # fmt: skip
     sweeps = stage_module(NEWEST, "sweeps")
-    name = sweeps.trial_name(trial_arguments.split())  # num_epochs6_lr1e-3_gbs64
+    name = sweeps.trial_name(trial_arguments.split())  # num_epochs4_lr1e-3_gbs64
     trial_dir = sweeps.sweep_folder("me/project/fakesweep") / f"{name}-trial42"
     job_id = submit(env, "-A", "tutorial", f"--chdir={REPO}", NEWEST.relative_to(REPO) / "submit_sweep_pm.sh",
                     "me/project/fakesweep")  # fmt: skip
@@ -262,9 +264,9 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
     assert calls.read_text().splitlines() == ["agent --count 1 me/project/fakesweep"], "the agent, once"
     assert "SIGUSR1 received: saved" in output and "requeued: continuing the trial" in output, output
     summary = common.read_summary(trial_dir)
-    assert summary["world_size"] == 4 and summary["steps"] == 48 and summary["settings"]["base_lr"] == 0.001
+    assert summary["world_size"] == 4 and summary["steps"] == 32 and summary["settings"]["base_lr"] == 0.001
     trial = json.loads((sweeps.sweep_folder("me/project/fakesweep") / "trials" / f"{job_id}.json").read_text())
-    assert trial["exit_code"] == 0 and trial["name"] == name == "num_epochs6_lr1e-3_gbs64"
+    assert trial["exit_code"] == 0 and trial["name"] == name == "num_epochs4_lr1e-3_gbs64"
     pieces = run_files(trial_dir)
     assert len(pieces) == 2, "the first attempt and the continued one, both of the trial's W&B run"
     for piece in pieces:  # the requeued one too, though no agent set the variables then
