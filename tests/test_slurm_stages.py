@@ -88,7 +88,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(local_slurm, tmp_pat
     resumes and ends as an uninterrupted run (of as many processes, from stage 06 on: 4) ends. Bit for bit with
     one process. With 4, the first step after a resume groups the gradients for summing otherwise (DDP regroups
     them after the first step of every process), so the weights agree to rounding, not bit for bit: the final
-    validation loss to 1 %. (With 2 processes resume is bit-exact: tests/test_ddp.py.)"""
+    train and validation losses to RESUME_BOUND_4_PROCESSES. (With 2 processes resume is bit-exact: test_ddp.py.)"""
     arguments = ["--config", "test", "--num_epochs", "3", "--data_root", tiny_data]  # 48 steps, stopped after 16
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"] if DISTRIBUTED else []
     reference = run_python(*launcher, NEWEST / "train.py", *arguments, "--out_dir", tmp_path / "reference",
