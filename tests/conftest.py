@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny data set, generated once per test session, and the local Slurm cluster.
+"""Shared fixtures: the test configs' data set, generated once per test session, and the local Slurm cluster.
 (The environment every test runs in is set in the conftest.py at the repository root.)"""
 
 import json
@@ -13,8 +13,10 @@ from slurm_fixture import local_slurm  # noqa: F401  (a fixture: tests ask for i
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """A data root that holds the `tiny` preset, made once for the whole session."""
+    """A data root that holds the `micro` preset (the `test` configs') and the `tiny` one, made once for the whole
+    session."""
     root = tmp_path_factory.mktemp("data")
+    common.ensure_data("micro", root)
     common.ensure_data("tiny", root)
     return root
 

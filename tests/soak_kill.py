@@ -35,7 +35,7 @@ def main():
     stage = REPO / "stages" / args.stage
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="soak-"))
-    common.ensure_data("tiny", work / "data")
+    common.ensure_data("micro", work / "data")
     reference = train(stage, work / "reference", work / "data")
     if reference.returncode != 0:
         sys.exit(output_of(reference))

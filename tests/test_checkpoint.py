@@ -301,14 +301,14 @@ def test_cuda_resume_is_bit_exact_with_deterministic_true(stage, tmp_path, tiny_
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
 def test_predict_scores_best_pt_on_the_data_it_was_trained_on(stage, tmp_path, tiny_data, uninterrupted_run):
-    """predict.py reproduces the run's own validation error from best.pt, on the checkpoint's own preset ('tiny'),
+    """predict.py reproduces the run's own validation error from best.pt, on the checkpoint's own preset ('micro'),
     not on its default ('small', which it would then generate)."""
     out_dir = uninterrupted_run(stage)
     summary = common.read_summary(out_dir)
     result = run_python(stage / "predict.py", out_dir / "checkpoints" / "best.pt", "--data_root", tiny_data,
                         cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, output_of(result)
-    assert f"error {summary['val_relative_l2']:.3f}" in result.stdout and "on preset 'tiny'" in result.stdout
+    assert f"error {summary['val_relative_l2']:.3f}" in result.stdout and "on preset 'micro'" in result.stdout
     assert not (tiny_data / "small").exists(), "predict.py did not fall back to another preset"
 
 
@@ -354,11 +354,12 @@ def test_when_no_checkpoint_can_be_read_the_run_stops_and_names_them(stage, tmp_
 
 @pytest.fixture
 def tiny_copies(tiny_data):
-    """copy(data_root, preset="tiny"): data_root/<preset> holding a copy of the tiny data's files."""
+    """copy(data_root, preset="micro"): data_root/<preset> holding a copy of the micro data's files (the test
+    config's)."""
 
-    def copy(data_root, preset="tiny"):
+    def copy(data_root, preset="micro"):
         (data_root / preset).mkdir(parents=True)
-        for path in (tiny_data / "tiny").iterdir():
+        for path in (tiny_data / "micro").iterdir():
             (data_root / preset / path.name).write_bytes(path.read_bytes())
         return data_root / preset
 

@@ -13,7 +13,7 @@ from test_checkpoint import final_weights
 ONE_PROCESS = [stage for stage in STAGES if stage.name[:2] in ("03", "04")]  # a loader per epoch; the EpochSampler
 DDP_STAGES = [stage for stage in STAGES if (stage / "distributed.py").exists()]
 TWO_PROCESSES = [DDP_STAGES[0], DDP_STAGES[-1]]  # the ranks' shares, from stage 06 on (07 adds micro-batches)
-EPOCH = 512  # the samples of one epoch of the test config (16 batches of 32): tiny has 512 training samples
+EPOCH = 512  # the samples of one epoch of the test config (16 batches of 32): micro has 512 training samples
 
 
 def loaders(record, split):
@@ -56,8 +56,8 @@ def test_each_epoch_has_an_order_of_its_own(stage, tmp_path, tiny_data):
 def test_the_ranks_share_every_batch_and_rank_0_alone_generates_the_data(stage, two_process_runs):
     folder, records = two_process_runs(stage)
     assert_epochs_of_their_own(records)
-    assert_validation_shared(records, json.loads((folder / "data" / "tiny" / "meta.json").read_text())["n_val"])
-    assert [record["generated"] for record in records] == [[str(folder / "data" / "tiny")], []], \
+    assert_validation_shared(records, json.loads((folder / "data" / "micro" / "meta.json").read_text())["n_val"])
+    assert [record["generated"] for record in records] == [[str(folder / "data" / "micro")], []], \
         "rank 0 generated the missing data, once, and rank 1 waited for them"  # fmt: skip
 
 

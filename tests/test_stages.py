@@ -37,13 +37,13 @@ def expect_one_line_error(result, *fragments):
 BAD_ARGUMENTS = {
     "unknown key": (["--learning_rate", "0.1"], ["unknown option '--learning_rate'", "--{lr}"]),
     "out of range": (["--config", "test", "--num_epochs", "0"], ["--num_epochs must be >= 1; got 0"]),
-    "too deep for the grid": (["--config", "test", "--depth", "9"], ["--depth 9 is too deep for a 32x32 grid"]),
+    "too deep for the grid": (["--config", "test", "--depth", "9"], ["--depth 9 is too deep for a 16x16 grid"]),
     "unknown device": (["--config", "test", "--device", "gpu"], ["--device 'gpu' is not one of auto, cpu, cuda"]),
 }
 CONFIG_ERRORS = {
     "unknown config": (["--config", "fastest"], "unknown config 'fastest'.*quick"),
     "wrong type": (["--{batch_size}", "many"], "--{batch_size} expects a int"),
-    "unknown preset": (["--data_preset", "huge"], "--data_preset must be one of tiny"),
+    "unknown preset": (["--data_preset", "huge"], "--data_preset must be one of micro, tiny"),
 }
 
 
@@ -77,33 +77,34 @@ def test_output_folder_that_cannot_be_written(stage, tmp_path, tiny_data):
 
 
 def copy_of_tiny_data(tiny_data, tmp_path):
-    """A data root of our own with the tiny preset in it, to damage without harming the shared one."""
+    """A data root of our own with the micro preset (the test config's) in it, to damage without harming the shared
+    one."""
     data_root = tmp_path / "data"
-    (data_root / "tiny").mkdir(parents=True)
+    (data_root / "micro").mkdir(parents=True)
     for name in ("train.npy", "val.npy", "meta.json"):
-        (data_root / "tiny" / name).write_bytes((tiny_data / "tiny" / name).read_bytes())
+        (data_root / "micro" / name).write_bytes((tiny_data / "micro" / name).read_bytes())
     return data_root
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
 def test_corrupt_data_file(stage, tmp_path, tiny_data):
     data_root = copy_of_tiny_data(tiny_data, tmp_path)
-    truncated = (tiny_data / "tiny" / "train.npy").read_bytes()[:10_000]
-    (data_root / "tiny" / "train.npy").write_bytes(truncated)
+    truncated = (tiny_data / "micro" / "train.npy").read_bytes()[:10_000]
+    (data_root / "micro" / "train.npy").write_bytes(truncated)
     result = run_python(stage / "train.py", "--config", "test", "--data_root", data_root, "--out_dir", tmp_path / "r",
                         cwd=tmp_path)  # fmt: skip
-    expect_one_line_error(result, "corrupt", "python data/generate.py --preset tiny")
+    expect_one_line_error(result, "corrupt", "python data/generate.py --preset micro")
 
 
 @pytest.mark.parametrize("stage", ENDS, ids=END_IDS)
 def test_data_of_another_seed_is_refused(stage, tmp_path, tiny_data):
     data_root = copy_of_tiny_data(tiny_data, tmp_path)
-    meta = json.loads((tiny_data / "tiny" / "meta.json").read_text())
-    (data_root / "tiny" / "meta.json").write_text(json.dumps({**meta, "seed": 7}))
+    meta = json.loads((tiny_data / "micro" / "meta.json").read_text())
+    (data_root / "micro" / "meta.json").write_text(json.dumps({**meta, "seed": 7}))
     result = run_python(stage / "train.py", "--config", "test", "--data_root", data_root, "--out_dir", tmp_path / "r",
                         cwd=tmp_path)  # fmt: skip
     expect_one_line_error(result, "seed 7")
-    assert np.load(data_root / "tiny" / "train.npy").shape[0] == meta["n_train"], "the data were left alone"
+    assert np.load(data_root / "micro" / "train.npy").shape[0] == meta["n_train"], "the data were left alone"
 
 
 def value_out_of_range(limit):

@@ -20,7 +20,8 @@ import numpy as np
 
 # Size presets: grid size and sample counts. Bytes on disk = samples * 2 fields * grid^2 * 4.
 PRESETS = {
-    "tiny": {"grid": 32, "n_train": 512, "n_val": 128},  # ~5 MB, tests: generated in a second
+    "micro": {"grid": 16, "n_train": 512, "n_val": 128},  # ~1 MB, the test suite's `test` configs
+    "tiny": {"grid": 32, "n_train": 512, "n_val": 128},  # ~5 MB, the `quick` configs: generated in a second
     "small": {"grid": 64, "n_train": 4096, "n_val": 512},  # ~150 MB, a laptop CPU
     "full": {"grid": 128, "n_train": 65536, "n_val": 4096},  # ~9 GB, a GPU node: data loading matters
 }
