@@ -5,10 +5,10 @@ Train a U-Net to map a random density field to its gravitational potential.
     python stages/02_script/train.py --config small --lr 1e-3  # any key can be overridden
 """
 
+import dataclasses
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,6 +40,47 @@ def make_loaders(cfg):
     return train_set, train_loader, val_loader
 
 
+@dataclasses.dataclass
+class TrainingState:
+    """The model, what trains it, and where the run stands."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0
+    batch_in_epoch: int = 0  # the batches of this epoch trained so far
+    step: int = 0
+    epoch_loss: float = 0.0  # the sum of this epoch's batch losses so far
+
+
+def build_training_state(cfg, device, total_steps):
+    """The model, and the optimizer and learning-rate schedule that train it."""
+    model = common.UNet(cfg.base_channels, cfg.depth).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return TrainingState(model, optimizer, scheduler)
+
+
+def train_step(state, delta, phi):
+    """One optimizer step on one batch; returns the batch's loss."""
+    loss = torch.nn.functional.mse_loss(state.model(delta), phi)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    state.batch_in_epoch += 1
+    state.epoch_loss += loss.item()
+    return loss.item()
+
+
+def raise_if_diverged(loss, step, lr):
+    if not math.isfinite(loss):
+        raise common.UserError(
+            f"the loss is {loss} at step {step}: training diverged; try a smaller --lr (this run: {lr})"
+        )
+
+
 @torch.no_grad()
 def validate(model, loader, device):
     """Mean loss and relative L2 error over the validation set, and the last batch for a picture."""
@@ -55,88 +96,61 @@ def validate(model, loader, device):
     return loss_sum / count, error_sum / count, (delta, phi, prediction)
 
 
+def log_progress(writer, state, total_steps, loss, timer):
+    samples_per_s, wait_share, eta = timer.window(state.step)
+    lr = state.scheduler.get_last_lr()[0]
+    log.info(
+        f"step {state.step}/{total_steps} | epoch {state.epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | "
+        f"{samples_per_s:.0f} samples/s | data wait {wait_share:.0%} | ETA {eta}"
+    )
+    writer.add_scalar("train/loss", loss, state.step)
+    writer.add_scalar("train/lr", lr, state.step)
+    writer.add_scalar("perf/samples_per_s", samples_per_s, state.step)
+    writer.add_scalar("perf/data_wait_share", wait_share, state.step)
+
+
+def log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples):
+    log.info(
+        f"epoch {state.epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
+        f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
+    )
+    writer.add_scalar("val/loss", val_loss, state.step)
+    writer.add_scalar("val/relative_l2", val_error, state.step)
+    writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), state.step)
+
+
 def train(cfg, out_dir):
     device = common.choose_device(cfg.device)
     torch.manual_seed(cfg.seed)
     train_set, train_loader, val_loader = make_loaders(cfg)
     baseline = train_set.meta["baseline_rel_l2"]
-
-    model = common.UNet(cfg.base_channels, cfg.depth).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.num_epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    batches_per_epoch = len(train_loader)
+    total_steps = cfg.num_epochs * batches_per_epoch
+    state = build_training_state(cfg, device, total_steps)
     writer = SummaryWriter(out_dir / "tensorboard")
-    log.info(f"{common.count_parameters(model):,} parameters on {common.hardware(device)}; {total_steps} steps")
+    log.info(f"{common.count_parameters(state.model):,} parameters on {common.hardware(device)}; {total_steps} steps")
     log.info(f"physics baseline (linear solve): relative L2 error {baseline:.3f} on the validation set")
 
-    step, start = 0, time.perf_counter()
-    train_time, wait_time = 0.0, 0.0
+    timer = common.StepTimer(cfg.batch_size, total_steps, log)
     for epoch in range(cfg.num_epochs):
+        state.epoch = epoch
         train_set.set_epoch(epoch)
-        epoch_loss, window_steps, window_wait, window_start = 0.0, 0, 0.0, time.perf_counter()
-        step_start = time.perf_counter()
-        for batch_index, (delta, phi) in enumerate(train_loader):
-            window_wait += time.perf_counter() - step_start  # time spent waiting for this batch
-            delta, phi = delta.to(device), phi.to(device)
-            loss = torch.nn.functional.mse_loss(model(delta), phi)
-            if not torch.isfinite(loss):
-                raise common.UserError(f"the loss is {loss.item()} at step {step + 1}: training diverged; "
-                                       f"try a smaller --lr (this run: {cfg.lr})")  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            window_steps += 1
-            epoch_loss += loss.item()
+        for delta, phi in timer.timed(train_loader):
+            loss = train_step(state, delta.to(device), phi.to(device))
+            timer.step_done()
+            raise_if_diverged(loss, state.step, cfg.lr)
+            if timer.steps and (state.step % cfg.log_every == 0 or state.batch_in_epoch == batches_per_epoch):
+                log_progress(writer, state, total_steps, loss, timer)
 
-            if window_steps == cfg.log_every or batch_index == len(train_loader) - 1:
-                elapsed = time.perf_counter() - window_start
-                samples_per_s = window_steps * cfg.batch_size / elapsed
-                wait_share = window_wait / elapsed
-                eta = (total_steps - step) * elapsed / window_steps
-                lr = scheduler.get_last_lr()[0]
-                log.info(
-                    f"step {step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                    f"{samples_per_s:.0f} samples/s | data wait {wait_share:.0%} | ETA {format_seconds(eta)}"
-                )
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("perf/samples_per_s", samples_per_s, step)
-                writer.add_scalar("perf/data_wait_share", wait_share, step)
-                train_time, wait_time = train_time + elapsed, wait_time + window_wait
-                window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-            step_start = time.perf_counter()
-
-        val_loss, val_error, examples = validate(model, val_loader, device)
-        train_loss = epoch_loss / len(train_loader)
-        log.info(
-            f"epoch {epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
-            f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
-        )
-        writer.add_scalar("val/loss", val_loss, step)
-        writer.add_scalar("val/relative_l2", val_error, step)
-        writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), step)
+        train_loss = state.epoch_loss / batches_per_epoch
+        val_loss, val_error, examples = validate(state.model, val_loader, device)
+        log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples)
+        state.epoch, state.batch_in_epoch, state.epoch_loss = epoch + 1, 0, 0.0
 
     writer.close()
-    return common.write_summary(
-        out_dir,
-        STAGE,
-        cfg,
-        device,
-        final_train_loss=train_loss,
-        final_val_loss=val_loss,
-        val_relative_l2=val_error,
-        baseline_relative_l2=baseline,
-        samples_per_s=step * cfg.batch_size / train_time,
-        data_wait_share=wait_time / train_time,
-        wall_time_s=time.perf_counter() - start,
-        steps=step,
-    )
-
-
-def format_seconds(seconds):
-    return time.strftime("%H:%M:%S", time.gmtime(max(0, math.ceil(seconds))))
+    figures = {"final_train_loss": train_loss, "final_val_loss": val_loss, "val_relative_l2": val_error}
+    figures |= {"baseline_relative_l2": baseline, "steps": state.step}
+    return common.write_summary(out_dir, STAGE, cfg, device, **figures, **timer.summary())
 
 
 def main(argv=None):

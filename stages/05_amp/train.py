@@ -5,12 +5,12 @@ optimizer and fewer waits for the GPU.
     python stages/05_amp/train.py --config default --compile true   # on a GPU: bf16 and a compiled model
 """
 
+import dataclasses
 import logging
 import math
 import os
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `common` fr
 import checkpoints
 import common
 import data_loading
+import speedups
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
@@ -45,13 +46,6 @@ def request_stop(signum, frame):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def make_deterministic():
-    """Only deterministic GPU kernels, some of them slower: then a resumed run is bit-exact on a GPU too."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, so before any GPU work
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-
-
 def autocast_dtype(precision, device):
     """The 16-bit type autocast computes in (None: float32 everywhere). auto: bf16 on a GPU that has it, fp16 on an
     older GPU; float32 on a CPU, where bf16 ran 5 times slower than float32 on ours (see the README)."""
@@ -60,22 +54,98 @@ def autocast_dtype(precision, device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def use_tf32(enabled):
-    """TF32: float32 matrix products and convolutions on the tensor cores of an A100 or newer, with a 10-bit
-    mantissa. Every switch of both of PyTorch's APIs: the old allow_tf32 flags, then (PyTorch 2.9 and newer) the
-    fp32_precision ones. With only some of the new ones set, reading the old flags raises (PyTorch 2.14)."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        precision = "tf32" if enabled else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-        torch.backends.cudnn.rnn.fp32_precision = precision
-
-
 def run_settings(cfg):
     """The settings that define this run; they are stored in every checkpoint."""
     return {key: value for key, value in vars(cfg).items() if key not in MAY_CHANGE_ON_RESUME}
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """The model, what trains it, and where the run stands."""
+
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # what a step calls: the model, or the compiled model (with the same weights)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    epoch: int = 0
+    batch_in_epoch: int = 0  # the batches of this epoch trained so far
+    step: int = 0
+    epoch_loss: float = 0.0  # the sum of this epoch's batch losses so far
+    best_val_loss: float = math.inf
+    processes: int = 0  # the processes that trained this run: one more at each resume
+
+
+def build_training_state(cfg, device, total_steps, dtype):
+    """The model, and the optimizer, learning-rate schedule and loss scaler that train it."""
+    model = common.UNet(cfg.base_channels, cfg.depth).to(device)
+    # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
+    step_model = torch.compile(model) if cfg.compile else model
+    fused = device.type == "cuda"  # one GPU kernel for the whole update instead of several per parameter
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    # fp16 only: scale the loss up so that small gradients do not round to zero in 16 bits (a no-op otherwise)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return TrainingState(model, step_model, optimizer, scheduler, scaler)
+
+
+def train_step(state, delta, phi, dtype):
+    """One optimizer step on one batch; returns the batch's loss, a tensor: reading it would wait for the GPU."""
+    with torch.autocast(delta.device.type, dtype=dtype, enabled=dtype is not None):  # 16-bit where it is safe
+        loss = torch.nn.functional.mse_loss(state.step_model(delta).float(), phi)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)  # unscales the gradients; skips the update if one is inf or NaN (fp16 overflow)
+    state.scaler.update()  # the scale shrinks after an overflow and grows after 2000 good steps
+    state.scheduler.step()
+    state.step += 1
+    state.batch_in_epoch += 1
+    state.epoch_loss += loss.detach()  # no .item(): the CPU queues the next step without waiting for the GPU
+    return loss.detach()
+
+
+def raise_if_diverged(loss, step, lr, data_dir):
+    if not math.isfinite(loss):
+        common.check_data_finite(data_dir)  # a NaN in the data is no matter of the learning rate
+        raise common.UserError(
+            f"the loss is {loss} at step {step}: training diverged; try a smaller --lr (this run: {lr})"
+        )
+
+
+def save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from):
+    """Every state a bit-exact resume needs, and the settings and the data that define the run."""
+    saved = {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": checkpoints.rng_states(),
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "step": state.step,
+        "epoch_loss": float(state.epoch_loss),
+        "best_val_loss": state.best_val_loss,
+        "processes": state.processes,
+        "totals": timer.totals_now(),
+        "settings": run_settings(cfg),
+        "data": data,
+        "threads": torch.get_num_threads(),
+    }
+    return checkpoints.save_checkpoint(checkpoint_dir, saved, cfg.keep_last, keep=resumed_from)
+
+
+def resume(state, saved, device):
+    """Continue from a checkpoint: load every state it holds, the random generators' too."""
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.scaler.load_state_dict(saved["scaler"])
+    checkpoints.set_rng_states(saved["rng"])
+    state.epoch, state.batch_in_epoch, state.step = saved["epoch"], saved["batch_in_epoch"], saved["step"]
+    state.epoch_loss, state.best_val_loss = saved["epoch_loss"], saved["best_val_loss"]
+    state.processes = saved["processes"]
+    if device.type == "cpu" and saved["threads"] != torch.get_num_threads():  # see the README: bit-exact resume
+        log.warning(f"{torch.get_num_threads()} CPU threads now, {saved['threads']} before: results may differ")
 
 
 @torch.no_grad()
@@ -94,192 +164,109 @@ def validate(model, loader, device, dtype):
     return loss_sum.item() / count, error_sum.item() / count, (delta, phi, prediction)  # one wait for the GPU
 
 
+def log_progress(writer, state, total_steps, loss, timer):
+    samples_per_s, wait_share, eta = timer.window(state.step)
+    lr = state.scheduler.get_last_lr()[0]
+    log.info(
+        f"step {state.step}/{total_steps} | epoch {state.epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | "
+        f"{samples_per_s:.0f} samples/s | data wait {wait_share:.0%} | ETA {eta}"
+    )
+    writer.add_scalar("train/loss", loss, state.step)
+    writer.add_scalar("train/lr", lr, state.step)
+    writer.add_scalar("perf/samples_per_s", samples_per_s, state.step)
+    writer.add_scalar("perf/data_wait_share", wait_share, state.step)
+
+
+def log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples):
+    log.info(
+        f"epoch {state.epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
+        f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
+    )
+    writer.add_scalar("val/loss", val_loss, state.step)
+    writer.add_scalar("val/relative_l2", val_error, state.step)
+    writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), state.step)
+
+
+def save_best(state, cfg, val_loss, checkpoint_dir):
+    """best.pt: the weights of the lowest validation loss so far, kept apart from the checkpoints (predict.py)."""
+    if val_loss >= state.best_val_loss:
+        return
+    state.best_val_loss = val_loss
+    best = {"model": state.model.state_dict(), "settings": run_settings(cfg), "step": state.step, "val_loss": val_loss}
+    checkpoints.save_atomically(best, checkpoint_dir / "best.pt")
+
+
 def train(cfg, out_dir):
     if cfg.deterministic:
-        make_deterministic()
+        checkpoints.make_deterministic()
     device = common.choose_device(cfg.device)
     dtype = autocast_dtype(cfg.precision, device)
     cfg.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]  # auto: what it chose
-    use_tf32(cfg.tf32)
+    speedups.use_tf32(cfg.tf32)
     torch.manual_seed(cfg.seed)
     train_set, sampler, train_loader, val_loader = data_loading.make_loaders(cfg, device)
-    batches_per_epoch = len(train_set) // cfg.batch_size
     baseline = train_set.meta["baseline_rel_l2"]
-
-    model = common.UNet(cfg.base_channels, cfg.depth).to(device)
-    # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
-    step_model = torch.compile(model) if cfg.compile else model
-    fused = device.type == "cuda"  # one GPU kernel for the whole update instead of several per parameter
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    # fp16 only: scale the loss up so that small gradients do not round to zero in 16 bits (a no-op otherwise)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batches_per_epoch = len(train_set) // cfg.batch_size
     total_steps = cfg.num_epochs * batches_per_epoch
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-
-    checkpoint_dir = out_dir / "checkpoints"
-    start_epoch, first_batch, step, epoch_loss, best_val_loss = 0, 0, 0, 0.0, math.inf
-    # Summed over every process of this run, so that summary.json describes the whole run.
-    totals = {"train_time": 0.0, "wait_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "processes": 0,
-              "first_step_time": 0.0}  # fmt: skip
+    state = build_training_state(cfg, device, total_steps, dtype)
     data = common.data_identity(train_set.meta)
-    state, resumed_from = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg), data)
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoints.set_rng_states(state["rng"])
-        start_epoch, first_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        epoch_loss, best_val_loss, totals = state["epoch_loss"], state["best_val_loss"], state["totals"]
-        if device.type == "cpu" and state["threads"] != torch.get_num_threads():  # see the README: bit-exact resume
-            log.warning(f"{torch.get_num_threads()} CPU threads now, {state['threads']} before: results may differ")
-    totals["processes"] += 1
-    try:
-        checkpoint_dir.mkdir(exist_ok=True)
-    except OSError as error:
-        raise common.UserError(f"cannot write checkpoints to {checkpoint_dir} ({error.strerror}): "
-                               "choose another --out_dir") from None  # fmt: skip
-    branch = checkpoints.set_aside_newer_work(out_dir, resumed_from, step)
-    if branch:
-        log.info(f"resumed from an older checkpoint: a new branch; the newer work moved to {branch} (nothing lost)")
-    writer = SummaryWriter(out_dir / "tensorboard", purge_step=step + 1)  # drop events logged after the checkpoint
-
-    def checkpoint(epoch, batch_in_epoch):
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": checkpoints.rng_states(), "epoch": epoch,
-                 "batch_in_epoch": batch_in_epoch, "step": step, "epoch_loss": float(epoch_loss),
-                 "best_val_loss": best_val_loss, "settings": run_settings(cfg),
-                 "totals": {**totals, "wall_time": totals["wall_time"] + time.perf_counter() - start},
-                 "threads": torch.get_num_threads(), "data": data}  # fmt: skip
-        return checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last, keep=resumed_from)
-
+    saved, resumed_from = checkpoints.load_checkpoint(cfg.resume, out_dir / "checkpoints", run_settings(cfg), data)
+    if saved:
+        resume(state, saved, device)
+    state.processes += 1
+    checkpoint_dir = checkpoints.make_folder(out_dir, resumed_from, state.step)
+    writer = SummaryWriter(out_dir / "tensorboard", purge_step=state.step + 1)  # drop events after the checkpoint
     signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
     signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel
     signal.signal(signal.SIGINT, request_stop)  # Ctrl-C
-    log.info(f"{common.count_parameters(model):,} parameters on {common.hardware(device)}; {total_steps} steps")
+    log.info(f"{common.count_parameters(state.model):,} parameters on {common.hardware(device)}; {total_steps} steps")
+    fused = state.optimizer.defaults["fused"]
     log.info(f"precision {cfg.precision}, tf32 {cfg.tf32}, compile {cfg.compile}, fused AdamW {fused}")
     log.info(f"physics baseline (linear solve): relative L2 error {baseline:.3f} on the validation set")
-
-    if start_epoch == cfg.num_epochs:
-        log.info(f"this run finished already (step {step}): pass --resume none to train again from scratch")
+    if state.epoch == cfg.num_epochs:
+        log.info(f"this run finished already (step {state.step}): pass --resume none to train again from scratch")
         return common.read_summary(out_dir)
-    start = time.perf_counter()
-    first_step_done = False
-    for epoch in range(start_epoch, cfg.num_epochs):
-        sampler.set_epoch(epoch, first_batch)
-        window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-        step_start = time.perf_counter()
-        for batch_index, (delta, phi) in enumerate(train_loader, first_batch):
-            window_wait += time.perf_counter() - step_start  # time spent waiting for this batch
+
+    timer = common.StepTimer(cfg.batch_size, total_steps, log, totals=saved["totals"] if saved else None)
+    for epoch in range(state.epoch, cfg.num_epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch, state.batch_in_epoch)
+        for delta, phi in timer.timed(train_loader):
             delta, phi = delta.to(device, non_blocking=True), phi.to(device, non_blocking=True)  # overlaps with compute
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # 16-bit where it is safe
-                loss = torch.nn.functional.mse_loss(step_model(delta).float(), phi)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)  # unscales the gradients; skips the update if one is inf or NaN (fp16 overflow)
-            scaler.update()  # the scale shrinks after an overflow and grows after 2000 good steps
-            scheduler.step()
-            step += 1
-            window_steps += 1
-            epoch_loss += loss.detach()  # no .item() here: the CPU queues the next step without waiting for the GPU
-
-            if not first_step_done:  # it compiles (--compile true) and starts the workers: timed apart
-                loss.item()  # wait for the GPU to finish the step
-                first_step_done, first_step_time = True, time.perf_counter() - window_start
-                totals["first_step_time"] += first_step_time
-                log.info(f"first step: {first_step_time:.1f} s, not counted in samples/s")
-                window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-
-            # Every log_every steps of the run (the first step is timed apart, so counting the window's would shift)
-            if window_steps and (step % cfg.log_every == 0 or batch_index == batches_per_epoch - 1):
-                raise_if_diverged(loss, step, cfg.lr, train_set.path.parent)  # .item() waits for the GPU: so here
-                elapsed = time.perf_counter() - window_start
-                samples_per_s = window_steps * cfg.batch_size / elapsed
-                wait_share = window_wait / elapsed
-                eta = (total_steps - step) * elapsed / window_steps
-                lr = scheduler.get_last_lr()[0]
-                log.info(
-                    f"step {step}/{total_steps} | epoch {epoch + 1} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                    f"{samples_per_s:.0f} samples/s | data wait {wait_share:.0%} | ETA {format_seconds(eta)}"
-                )
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("perf/samples_per_s", samples_per_s, step)
-                writer.add_scalar("perf/data_wait_share", wait_share, step)
-                totals["train_time"] += elapsed
-                totals["wait_time"] += window_wait
-                totals["timed_steps"] += window_steps
-                window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-            if step == cfg.signal_at_step:  # to try it out: the signal Slurm sends before the time limit
+            loss = train_step(state, delta, phi, dtype)
+            timer.step_done()
+            if state.step == cfg.signal_at_step:  # to try it out: the signal Slurm sends before the time limit
                 os.kill(os.getpid(), signal.SIGUSR1)
-            if stop_signal or step % cfg.checkpoint_every == 0:
-                raise_if_diverged(loss, step, cfg.lr, train_set.path.parent)  # never save weights that are NaN
-                path = checkpoint(epoch, batch_index + 1)
+            log_now = timer.steps and (state.step % cfg.log_every == 0 or state.batch_in_epoch == batches_per_epoch)
+            checkpoint_now = stop_signal or state.step % cfg.checkpoint_every == 0
+            if not (log_now or checkpoint_now):
+                continue  # reading the loss waits for the GPU: so only at these steps
+            loss = loss.item()
+            raise_if_diverged(loss, state.step, cfg.lr, train_set.path.parent)  # before a checkpoint: never NaN weights
+            if log_now:
+                log_progress(writer, state, total_steps, loss, timer)
+            if checkpoint_now:
+                path = save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from)
             if stop_signal:
                 advice = checkpoints.how_to_resume(cfg.resume)
-                log.info(f"{stop_signal} received: saved {path} at step {step}; {advice}")
+                log.info(f"{stop_signal} received: saved {path} at step {state.step}; {advice}")
                 writer.close()
                 return None
-            step_start = time.perf_counter()
 
-        val_loss, val_error, examples = validate(step_model, val_loader, device, dtype)
-        train_loss = float(epoch_loss) / batches_per_epoch
-        log.info(
-            f"epoch {epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
-            f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
-        )
-        writer.add_scalar("val/loss", val_loss, step)
-        writer.add_scalar("val/relative_l2", val_error, step)
-        writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), step)
-        if val_loss < best_val_loss:
-            best_val_loss = val_loss
-            best = {"model": model.state_dict(), "settings": run_settings(cfg), "step": step, "val_loss": val_loss}
-            checkpoints.save_atomically(best, checkpoint_dir / "best.pt")
-        first_batch, epoch_loss = 0, 0.0
-        if epoch + 1 < cfg.num_epochs:  # the last one is saved after the summary: a finished run has both
-            checkpoint(epoch + 1, 0)
+        train_loss = float(state.epoch_loss) / batches_per_epoch
+        val_loss, val_error, examples = validate(state.step_model, val_loader, device, dtype)
+        log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples)
+        save_best(state, cfg, val_loss, checkpoint_dir)
+        state.epoch, state.batch_in_epoch, state.epoch_loss = epoch + 1, 0, 0.0
+        if state.epoch < cfg.num_epochs:  # the last one is saved after the summary: a finished run has both
+            save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from)
 
     writer.close()
-    summary = common.write_summary(
-        out_dir,
-        STAGE,
-        cfg,
-        device,
-        final_train_loss=train_loss,
-        final_val_loss=val_loss,
-        val_relative_l2=val_error,
-        baseline_relative_l2=baseline,
-        samples_per_s=totals["timed_steps"] * cfg.batch_size / totals["train_time"],
-        data_wait_share=totals["wait_time"] / totals["train_time"],
-        wall_time_s=totals["wall_time"] + time.perf_counter() - start,
-        first_step_s=totals["first_step_time"],
-        steps=step,
-        processes=totals["processes"],
-    )
-    checkpoint(cfg.num_epochs, 0)
+    figures = {"final_train_loss": train_loss, "final_val_loss": val_loss, "val_relative_l2": val_error}
+    figures |= {"baseline_relative_l2": baseline, "steps": state.step, "processes": state.processes}
+    summary = common.write_summary(out_dir, STAGE, cfg, device, **figures, **timer.summary())
+    save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from)
     return summary
-
-
-def raise_if_diverged(loss, step, lr, data_dir):
-    if not math.isfinite(loss.item()):
-        common.check_data_finite(data_dir)  # a NaN in the data is no matter of the learning rate
-        raise common.UserError(f"the loss is {loss.item()} at step {step}: training diverged; "
-                               f"try a smaller --lr (this run: {lr})")  # fmt: skip
-
-
-def compile_failure(error):
-    """One line for torch.compile failing (no C++ compiler on a CPU, no working Triton on a GPU), or None."""
-    if not type(error).__module__.startswith(("torch._inductor", "torch._dynamo")):
-        return None
-    lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(("backend=", "Set "))]
-    reason, text = (lines or [type(error).__name__])[0], str(error)
-    need = "a C++ compiler (g++)" if "Cxx" in text or "C++" in text else "a working compiler toolchain"
-    need = "a working Triton (pip install triton)" if "triton" in text.lower() else need
-    return f"--compile true failed ({reason}): it needs {need}; install it, or pass --compile false"
-
-
-def format_seconds(seconds):
-    return time.strftime("%H:%M:%S", time.gmtime(max(0, math.ceil(seconds))))
 
 
 def main(argv=None):
@@ -309,7 +296,7 @@ if __name__ == "__main__":
         sys.exit("error: interrupted (Ctrl-C)")
     except Exception as error:  # a worker that died, or an unexpected error (a GPU out of memory, say): end now
         data_loading.end_workers()  # first: another worker ending now would raise again inside this handler
-        reason = data_loading.known_failure(error) or compile_failure(error)
+        reason = data_loading.known_failure(error) or speedups.compile_failure(error)
         if reason is None:
             traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
         sys.exit(f"error: {reason}" if reason else 1)

@@ -1,7 +1,8 @@
 """The one shared module of the tutorial: what never changes from stage to stage.
 
 It holds the running example (data generator, Dataset, U-Net, physics baseline) and plumbing (config loading,
-paths, device, logging, run summary, reading TensorBoard curves back, images). It never holds a stage's concept:
+paths, device, logging, the timing of steps, run summary, reading TensorBoard curves back, images). It never holds a
+stage's concept:
 no checkpointing, DataLoader settings, mixed precision, DDP, LR rules or W&B live here.
 """
 
@@ -34,11 +35,13 @@ from .run import (
     to_pil,
     write_summary,
 )
+from .timing import StepTimer
 from .unet import UNet, check_depth, count_parameters
 
 __all__ = [
     "FieldDataset",
     "PRESETS",
+    "StepTimer",
     "REPO",
     "UNet",
     "UserError",
