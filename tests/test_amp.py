@@ -3,6 +3,7 @@
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from helpers import REPO, SCRIPT_STAGES, assert_resumed_from, output_of, run_python, saved_by_the_stop, stage_module
 
 STAGE = REPO / "stages" / "05_amp"
-TF32_STAGES = [stage for stage in SCRIPT_STAGES if "def use_tf32" in (stage / "train.py").read_text()]  # 05 on
+TF32_STAGES = [stage for stage in SCRIPT_STAGES if (stage / "speedups.py").exists()]  # 05 on
 
 
 def train(out_dir, data_root, *extra, env=None):
@@ -27,18 +28,19 @@ def summary(out_dir):
 
 
 def test_auto_precision_is_float32_on_a_cpu_and_each_name_maps_to_its_type():
-    train_module = stage_module(STAGE)
-    cpu = torch.device("cpu")
-    assert train_module.autocast_dtype("auto", cpu) is None
-    assert train_module.autocast_dtype("fp32", cpu) is None
-    assert train_module.autocast_dtype("bf16", cpu) is torch.bfloat16
-    assert train_module.autocast_dtype("fp16", cpu) is torch.float16
+    speedups = stage_module(STAGE, "speedups")
+    names = {"auto": ("fp32", None), "fp32": ("fp32", None), "bf16": ("bf16", torch.bfloat16),
+             "fp16": ("fp16", torch.float16)}  # fmt: skip
+    for name, (chosen, dtype) in names.items():
+        cfg = SimpleNamespace(precision=name, tf32=False)
+        assert speedups.choose_precision(cfg, torch.device("cpu")) is dtype
+        assert cfg.precision == chosen, "the summary and the checkpoints record the choice, not auto"
 
 
 TF32_CHECK = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from train import use_tf32
+from speedups import use_tf32
 new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 for enabled in (False, True, False):
     use_tf32(enabled)

@@ -194,10 +194,10 @@ def test_every_stage_refuses_an_abbreviation_and_names_a_renamed_key(stage):
     train = stage_module(stage)
     renamed = getattr(train, "RENAMED", {})
     with pytest.raises(common.UserError, match="unknown option '--num_epoch'"):
-        common.load_config(stage / "config.yaml", ["--num_epoch", "2"], train.LIMITS, renamed)
+        common.load_config(stage / "config.yaml", ["--num_epoch", "2"], renamed=renamed)
     for old, new in renamed.items():
         with pytest.raises(common.UserError, match=f"--{old} is named --{new} in this stage"):
-            common.load_config(stage / "config.yaml", [f"--{old}", "1"], train.LIMITS, renamed)
+            common.load_config(stage / "config.yaml", [f"--{old}", "1"], renamed=renamed)
     if (stage / "batch_scaling.py").exists():  # stage 07 on: the learning rate is base_lr
         assert renamed == {"lr": "base_lr", "batch_size": "global_batch_size"}
 

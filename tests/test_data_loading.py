@@ -18,9 +18,8 @@ STAGE = REPO / "stages" / "04_data_loading"
 def delivered_samples(data_root, workers, epochs=2):
     """{(epoch, index): (delta, phi)} of every sample that stage 04's training loader delivers, epoch by epoch
     from one loader (persistent workers when there are any), as train.py uses it."""
-    train = stage_module(STAGE)
     arguments = ["--config", "test", "--data_root", str(data_root), "--num_workers", str(workers)]
-    cfg = common.load_config(STAGE / "config.yaml", arguments, train.LIMITS)
+    cfg = common.load_config(STAGE / "config.yaml", arguments)
     _, sampler, loader, _ = stage_module(STAGE, "data_loading").make_loaders(cfg, torch.device("cpu"))
     assert loader.persistent_workers == (workers > 0)
     samples = {}

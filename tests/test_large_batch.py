@@ -36,7 +36,7 @@ def test_the_learning_rate_at_key_steps_is_the_formula(rule, global_batch):
     train, module = stage_module(STAGE), stage_module(STAGE, "batch_scaling")
     cfg = train.common.load_config(STAGE / "config.yaml", ["--global_batch_size", str(global_batch),
                                    "--base_batch_size", "64", "--base_lr", "2e-3", "--lr_scaling", rule,
-                                   "--warmup_epochs", "1", "--num_epochs", "4"], train.LIMITS)  # fmt: skip
+                                   "--warmup_epochs", "1", "--num_epochs", "4"])  # fmt: skip
     k = global_batch / 64
     peak = 2e-3 * {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[rule]
     assert module.peak_lr(cfg) == pytest.approx(peak, rel=1e-12)
@@ -107,15 +107,13 @@ def test_a_stop_during_an_accumulation_waits_for_the_step_and_resumes_bit_exact(
 def test_each_process_computes_its_share_in_micro_batches(processes, micro, plan):
     """Global batch 512: (micro-batch, micro-batches per step) of each process; 0 computes the share at once."""
     train, scaling = stage_module(STAGE), stage_module(STAGE, "batch_scaling")
-    cfg = train.common.load_config(STAGE / "config.yaml", ["--config", "bs512", "--micro_batch_size", str(micro)],
-                                   train.LIMITS)  # fmt: skip
+    cfg = train.common.load_config(STAGE / "config.yaml", ["--config", "bs512", "--micro_batch_size", str(micro)])
     assert scaling.micro_batches(cfg, processes) == plan
 
 
 def test_a_micro_batch_that_does_not_divide_the_share_of_a_process_is_refused():
     train, scaling = stage_module(STAGE), stage_module(STAGE, "batch_scaling")
-    cfg = train.common.load_config(STAGE / "config.yaml", ["--config", "bs512", "--micro_batch_size", "96"],
-                                   train.LIMITS)  # fmt: skip
+    cfg = train.common.load_config(STAGE / "config.yaml", ["--config", "bs512", "--micro_batch_size", "96"])
     with pytest.raises(train.common.UserError, match="--micro_batch_size 96 must divide the 256 samples that each of "
                        "2 process.es. takes of --global_batch_size 512: choose a divisor of 256"):  # fmt: skip
         scaling.micro_batches(cfg, 2)

@@ -173,7 +173,7 @@ def test_sweep_files_name_only_settings_that_train_py_has_with_valid_values(swee
         values = spec.get("values") or [spec[k] for k in ("value", "min", "max") if k in spec]
         assert values, f"{key}: no values"
         for value in values:  # each value as the agent passes it: --key=value
-            cfg = train_module.common.load_config(STAGE / "config.yaml", [f"--{key}={value}"], train_module.LIMITS)
+            cfg = train_module.common.load_config(STAGE / "config.yaml", [f"--{key}={value}"])
             assert getattr(cfg, key) == value
 
 
@@ -208,8 +208,8 @@ def test_w_and_b_variables_set_the_settings_below_the_command_line(tmp_path, tin
     """WANDB_MODE, WANDB_PROJECT, ... as W&B documents them: they win over config.yaml, the command line over them.
     WANDB_MODE=disabled was ignored: an offline run was written (and with a key it went online)."""
     train_module = stage_module(STAGE)
-    load = functools.partial(common.load_config, STAGE / "config.yaml", limits=train_module.LIMITS,
-                             renamed=train_module.RENAMED, environment=train_module.WANDB_VARIABLES)  # fmt: skip
+    load = functools.partial(common.load_config, STAGE / "config.yaml", renamed=train_module.RENAMED,
+                             environment=train_module.WANDB_VARIABLES)  # fmt: skip
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("WANDB_PROJECT", "their-project")
     cfg = load(["--config", "quick"])

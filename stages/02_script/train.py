@@ -20,9 +20,6 @@ import common
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
-# The values each setting may take, checked when the config is read: a bad one stops with a one-line error.
-LIMITS = {"data_preset": list(common.PRESETS), "seed": ">= 0", "base_channels": ">= 1", "depth": ">= 1", "lr": "> 0",
-          "batch_size": ">= 1", "weight_decay": ">= 0", "num_epochs": ">= 1", "log_every": ">= 1"}  # fmt: skip
 
 
 def make_loaders(cfg):
@@ -76,9 +73,7 @@ def train_step(state, delta, phi):
 
 def raise_if_diverged(loss, step, lr):
     if not math.isfinite(loss):
-        raise common.UserError(
-            f"the loss is {loss} at step {step}: training diverged; try a smaller --lr (this run: {lr})"
-        )
+        raise common.UserError(f"the loss is {loss} at step {step}: training diverged; try a smaller --lr (now {lr})")
 
 
 @torch.no_grad()
@@ -97,16 +92,15 @@ def validate(model, loader, device):
 
 
 def log_progress(writer, state, total_steps, loss, timer):
-    samples_per_s, wait_share, eta = timer.window(state.step)
+    samples_per_s, wait, eta = timer.window(state.step)  # wait: the share of the time spent waiting for data
     lr = state.scheduler.get_last_lr()[0]
     log.info(
         f"step {state.step}/{total_steps} | epoch {state.epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | "
-        f"{samples_per_s:.0f} samples/s | data wait {wait_share:.0%} | ETA {eta}"
+        f"{samples_per_s:.0f} samples/s | data wait {wait:.0%} | ETA {eta}"
     )
-    writer.add_scalar("train/loss", loss, state.step)
-    writer.add_scalar("train/lr", lr, state.step)
-    writer.add_scalar("perf/samples_per_s", samples_per_s, state.step)
-    writer.add_scalar("perf/data_wait_share", wait_share, state.step)
+    scalars = {"train/loss": loss, "train/lr": lr, "perf/samples_per_s": samples_per_s, "perf/data_wait_share": wait}
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, state.step)
 
 
 def log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples):
@@ -114,13 +108,12 @@ def log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline
         f"epoch {state.epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
         f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
     )
-    writer.add_scalar("val/loss", val_loss, state.step)
-    writer.add_scalar("val/relative_l2", val_error, state.step)
+    for name, value in {"val/loss": val_loss, "val/relative_l2": val_error}.items():
+        writer.add_scalar(name, value, state.step)
     writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), state.step)
 
 
-def train(cfg, out_dir):
-    device = common.choose_device(cfg.device)
+def train(cfg, out_dir, device):
     torch.manual_seed(cfg.seed)
     train_set, train_loader, val_loader = make_loaders(cfg)
     baseline = train_set.meta["baseline_rel_l2"]
@@ -154,22 +147,14 @@ def train(cfg, out_dir):
 
 
 def main(argv=None):
-    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv, LIMITS)
+    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv)
     out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir)
     common.setup_logging(out_dir, STAGE)
     log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
-    summary = train(cfg, out_dir)
-    log.info(
-        f"done in {summary['wall_time_s']:.0f} s: val relative L2 error {summary['val_relative_l2']:.3f} "
-        f"(baseline {summary['baseline_relative_l2']:.3f}), {summary['samples_per_s']:.0f} samples/s; "
-        f"summary in {out_dir / 'summary.json'}"
-    )
+    device = common.choose_device(cfg.device)
+    summary = train(cfg, out_dir, device)
+    common.log_done(log, summary, out_dir)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.UserError as error:
-        sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        sys.exit("error: interrupted (Ctrl-C)")
+    common.run_main(main)

@@ -10,7 +10,6 @@ import math
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -23,11 +22,6 @@ import data_loading
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
-# The values each setting may take, checked when the config is read: a bad one stops with a one-line error.
-LIMITS = {"data_preset": list(common.PRESETS), "seed": ">= 0", "base_channels": ">= 1", "depth": ">= 1", "lr": "> 0",
-          "batch_size": ">= 1", "weight_decay": ">= 0", "num_epochs": ">= 1", "log_every": ">= 1",
-          "checkpoint_every": ">= 1", "keep_last": ">= 1", "signal_at_step": ">= 0",
-          "num_workers": ">= -1", "prefetch_factor": ">= 1"}  # fmt: skip
 # Settings a resumed run may change. All the others define the run: a checkpoint resumes only with the same.
 # (The loader's settings change how fast batches come, never what is in them: see tests/test_data_loading.py.)
 MAY_CHANGE_ON_RESUME = {"config", "data_root", "out_dir", "device", "log_every", "checkpoint_every", "keep_last",
@@ -87,9 +81,7 @@ def train_step(state, delta, phi):
 def raise_if_diverged(loss, step, lr, data_dir):
     if not math.isfinite(loss):
         common.check_data_finite(data_dir)  # a NaN in the data is no matter of the learning rate
-        raise common.UserError(
-            f"the loss is {loss} at step {step}: training diverged; try a smaller --lr (this run: {lr})"
-        )
+        raise common.UserError(f"the loss is {loss} at step {step}: training diverged; try a smaller --lr (now {lr})")
 
 
 def save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from):
@@ -113,8 +105,12 @@ def save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from):
     return checkpoints.save_checkpoint(checkpoint_dir, saved, cfg.keep_last, keep=resumed_from)
 
 
-def resume(state, saved, device):
-    """Continue from a checkpoint: load every state it holds, the random generators' too."""
+def resume(state, cfg, out_dir, data, device):
+    """Continue from the newest good checkpoint of this run (or the one --resume names), if there is one: load every
+    state it holds, the random generators' too. Returns the checkpoint (None for a new run) and its path."""
+    saved, path = checkpoints.load_checkpoint(cfg.resume, out_dir / "checkpoints", run_settings(cfg), data)
+    if saved is None:
+        return None, None
     state.model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -124,6 +120,7 @@ def resume(state, saved, device):
     state.processes = saved["processes"]
     if device.type == "cpu" and saved["threads"] != torch.get_num_threads():  # see the README: bit-exact resume
         log.warning(f"{torch.get_num_threads()} CPU threads now, {saved['threads']} before: results may differ")
+    return saved, path
 
 
 @torch.no_grad()
@@ -142,16 +139,15 @@ def validate(model, loader, device):
 
 
 def log_progress(writer, state, total_steps, loss, timer):
-    samples_per_s, wait_share, eta = timer.window(state.step)
+    samples_per_s, wait, eta = timer.window(state.step)  # wait: the share of the time spent waiting for data
     lr = state.scheduler.get_last_lr()[0]
     log.info(
         f"step {state.step}/{total_steps} | epoch {state.epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | "
-        f"{samples_per_s:.0f} samples/s | data wait {wait_share:.0%} | ETA {eta}"
+        f"{samples_per_s:.0f} samples/s | data wait {wait:.0%} | ETA {eta}"
     )
-    writer.add_scalar("train/loss", loss, state.step)
-    writer.add_scalar("train/lr", lr, state.step)
-    writer.add_scalar("perf/samples_per_s", samples_per_s, state.step)
-    writer.add_scalar("perf/data_wait_share", wait_share, state.step)
+    scalars = {"train/loss": loss, "train/lr": lr, "perf/samples_per_s": samples_per_s, "perf/data_wait_share": wait}
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, state.step)
 
 
 def log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples):
@@ -159,8 +155,8 @@ def log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline
         f"epoch {state.epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
         f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
     )
-    writer.add_scalar("val/loss", val_loss, state.step)
-    writer.add_scalar("val/relative_l2", val_error, state.step)
+    for name, value in {"val/loss": val_loss, "val/relative_l2": val_error}.items():
+        writer.add_scalar(name, value, state.step)
     writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), state.step)
 
 
@@ -173,10 +169,7 @@ def save_best(state, cfg, val_loss, checkpoint_dir):
     checkpoints.save_atomically(best, checkpoint_dir / "best.pt")
 
 
-def train(cfg, out_dir):
-    if cfg.deterministic:
-        checkpoints.make_deterministic()
-    device = common.choose_device(cfg.device)
+def train(cfg, out_dir, device):
     torch.manual_seed(cfg.seed)
     train_set, sampler, train_loader, val_loader = data_loading.make_loaders(cfg, device)
     baseline = train_set.meta["baseline_rel_l2"]
@@ -184,9 +177,7 @@ def train(cfg, out_dir):
     total_steps = cfg.num_epochs * batches_per_epoch
     state = build_training_state(cfg, device, total_steps)
     data = common.data_identity(train_set.meta)
-    saved, resumed_from = checkpoints.load_checkpoint(cfg.resume, out_dir / "checkpoints", run_settings(cfg), data)
-    if saved:
-        resume(state, saved, device)
+    saved, resumed_from = resume(state, cfg, out_dir, data, device)
     state.processes += 1
     checkpoint_dir = checkpoints.make_folder(out_dir, resumed_from, state.step)
     writer = SummaryWriter(out_dir / "tensorboard", purge_step=state.step + 1)  # drop events after the checkpoint
@@ -237,35 +228,21 @@ def train(cfg, out_dir):
 
 
 def main(argv=None):
-    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv, LIMITS)
+    cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv)
     out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir)
     earlier = checkpoints.set_aside_earlier_run(out_dir) if cfg.resume == "none" else None
     common.setup_logging(out_dir, STAGE)
     log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
     if earlier:
         log.info(f"--resume none: moved the earlier run's files to {earlier} (delete it when you no longer need it)")
-    summary = train(cfg, out_dir)
+    if cfg.deterministic:
+        checkpoints.make_deterministic()
+    device = common.choose_device(cfg.device)
+    summary = train(cfg, out_dir, device)
     if summary is None:
         sys.exit(3)  # not 0: the run stopped early, with a checkpoint to resume from
-    log.info(
-        f"done in {summary['wall_time_s']:.0f} s: val relative L2 error {summary['val_relative_l2']:.3f} "
-        f"(baseline {summary['baseline_relative_l2']:.3f}), {summary['samples_per_s']:.0f} samples/s; "
-        f"summary in {out_dir / 'summary.json'}"
-    )
+    common.log_done(log, summary, out_dir)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.UserError as error:
-        sys.exit(f"error: {error}")
-    except KeyboardInterrupt:
-        sys.exit("error: interrupted (Ctrl-C)")
-    except Exception as error:  # a worker that died, or an unexpected error (a GPU out of memory, say): end now
-        data_loading.end_workers()  # first: another worker ending now would raise again inside this handler
-        reason = data_loading.known_failure(error)
-        if reason is None:
-            traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
-        sys.exit(f"error: {reason}" if reason else 1)
-    finally:
-        data_loading.end_workers()
+    common.run_main(main, known_failures=[data_loading.known_failure], cleanup=[data_loading.end_workers])

@@ -18,6 +18,7 @@ from .data import (
 )
 from .fields import PRESETS, generate, linear_baseline, relative_l2
 from .run import (
+    LIMITS,
     REPO,
     UserError,
     choose_device,
@@ -25,11 +26,13 @@ from .run import (
     cpu_threads,
     hardware,
     load_config,
+    log_done,
     output_root,
     prediction_panel,
     read_summary,
     run_date,
     run_dir,
+    run_main,
     scalar_curve,
     setup_logging,
     to_pil,
@@ -40,6 +43,7 @@ from .unet import UNet, check_depth, count_parameters
 
 __all__ = [
     "FieldDataset",
+    "LIMITS",
     "PRESETS",
     "StepTimer",
     "REPO",
@@ -60,6 +64,7 @@ __all__ = [
     "hardware",
     "linear_baseline",
     "load_config",
+    "log_done",
     "output_root",
     "prediction_panel",
     "random_symmetry",
@@ -67,6 +72,7 @@ __all__ = [
     "run_date",
     "relative_l2",
     "run_dir",
+    "run_main",
     "scalar_curve",
     "setup_logging",
     "to_pil",

@@ -11,17 +11,64 @@ import re
 import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import yaml
 
+from .fields import PRESETS
+
 REPO = Path(__file__).resolve().parents[2]
+
+
+# The values each setting of any stage may take (a setting means the same in every stage that has it), checked when
+# a config is read: a bad one stops with a one-line error. ">= 1": a number at least 1; a list: one of its choices.
+LIMITS = {"data_preset": list(PRESETS), "seed": ">= 0", "base_channels": ">= 1", "depth": ">= 1",
+          "lr": "> 0", "batch_size": ">= 1", "weight_decay": ">= 0", "num_epochs": ">= 1", "log_every": ">= 1",
+          "checkpoint_every": ">= 1", "keep_last": ">= 1", "signal_at_step": ">= 0", "num_workers": ">= -1",
+          "prefetch_factor": ">= 1", "precision": ["auto", "fp32", "bf16", "fp16"], "ddp_timeout_s": "> 0",
+          "base_lr": "> 0", "base_batch_size": ">= 1", "global_batch_size": ">= 1", "micro_batch_size": ">= 0",
+          "lr_scaling": ["none", "linear", "sqrt"], "warmup_epochs": ">= 0",
+          "wandb_mode": ["auto", "online", "offline", "disabled"], "wandb_image_every": ">= 1"}  # fmt: skip
 
 
 class UserError(Exception):
     """Bad input: the stage prints this one line (it says what to do) and exits, with no traceback."""
+
+
+def run_main(main, rank=0, known_failures=(), cleanup=()):
+    """Run a stage's main() and end the process the way this tutorial promises: bad input (a UserError) and Ctrl-C
+    in one line, naming the rank from stage 06 on; an error that one of known_failures explains (it returns a line,
+    or None) in that line; any other error with its traceback. Each of cleanup (ending the DataLoader's workers,
+    say) runs before the message, and again at the very end, whatever happened."""
+    where = "error" if rank == 0 else f"error on rank {rank}"
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"{where}: {error}")
+    except KeyboardInterrupt:
+        sys.exit(f"{where}: interrupted (Ctrl-C)")
+    except Exception as error:  # a worker or another process died, or an unexpected error: end now
+        for step in cleanup:
+            step()  # first: a worker ending now would raise again inside this handler
+        reason = next((line for line in (explain(error) for explain in known_failures) if line), None)
+        if reason is None:
+            traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
+        sys.exit(1 if reason is None else f"{where}: {reason}")
+    finally:
+        for step in cleanup:
+            step()
+
+
+def log_done(log, summary, out_dir):
+    """The last line of a run: how long, how good against the physics baseline, how fast, and where it is all."""
+    log.info(
+        f"done in {summary['wall_time_s']:.0f} s: val relative L2 error {summary['val_relative_l2']:.3f} "
+        f"(baseline {summary['baseline_relative_l2']:.3f}), {summary['samples_per_s']:.0f} samples/s; "
+        f"summary in {out_dir / 'summary.json'}"
+    )
 
 
 def load_config(config_file, argv=None, limits=None, renamed=None, environment=None):
@@ -29,11 +76,13 @@ def load_config(config_file, argv=None, limits=None, renamed=None, environment=N
     overrides on the command line (each later one wins).
 
     `default` holds every key; another named config changes some of them. `limits` maps a key to the
-    values it may take: ">= 1", "> 0" or a list of choices. `renamed` maps an earlier stage's name of a key
+    values it may take: ">= 1", "> 0" or a list of choices (by default LIMITS, above). `renamed` maps an earlier
+    stage's name of a key
     to this stage's, for the error; `environment` maps a key to the variable that may set it (W&B's own
     WANDB_MODE, say). Unknown names and keys (abbreviations too: --num_epoch is not --num_epochs), values of
     the wrong type or out of range, and YAML errors are UserErrors that say what is valid. `~` and
     `$VARIABLES` in text values are expanded."""
+    limits = LIMITS if limits is None else limits
     configs = read_configs(config_file)
     defaults = configs["default"]
     parser = argparse.ArgumentParser(description=f"Named configs in {config_file}: {', '.join(configs)}.",
