@@ -182,12 +182,12 @@ def test_the_meeting_point_under_srun_is_the_first_node_and_a_port_of_the_job(tm
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol
     with pytest.raises(distributed.common.UserError, match="export MASTER_ADDR=<it> before srun"):
-        distributed.meeting_point_from_slurm()
+        distributed.master_addr_from_slurm()
     scontrol = tmp_path / "scontrol"
     expand = 'printf "nid001004\\nnid001005\\n"'
     scontrol.write_text(f'#!/bin/sh\n[ "$*" = "show hostnames nid[001004-001005]" ] && {expand}\n')
     scontrol.chmod(0o755)
-    distributed.meeting_point_from_slurm()
+    distributed.master_addr_from_slurm()
     assert os.environ["MASTER_ADDR"] == "nid001004" and os.environ["MASTER_PORT"] == str(15000 + 123456 % 15000)
 
 

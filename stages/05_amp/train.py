@@ -50,10 +50,10 @@ class TrainingState:
     """The model, what trains it, and where the run stands."""
 
     model: torch.nn.Module
-    step_model: torch.nn.Module  # what a step calls: the model, or the compiled model (with the same weights)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    step_model: torch.nn.Module | None = None  # what a step calls, set once the checkpoint is loaded
     epoch: int = 0
     batch_in_epoch: int = 0  # the batches of this epoch trained so far
     step: int = 0
@@ -65,14 +65,12 @@ class TrainingState:
 def build_training_state(cfg, device, total_steps, dtype):
     """The model, and the optimizer, learning-rate schedule and loss scaler that train it."""
     model = common.UNet(cfg.base_channels, cfg.depth).to(device)
-    # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
-    step_model = torch.compile(model) if cfg.compile else model
     fused = device.type == "cuda"  # one GPU kernel for the whole update instead of several per parameter
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     # fp16 only: scale the loss up so that small gradients do not round to zero in 16 bits (a no-op otherwise)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return TrainingState(model, step_model, optimizer, scheduler, scaler)
+    return TrainingState(model, optimizer, scheduler, scaler)
 
 
 def train_step(state, delta, phi, dtype):
@@ -194,6 +192,8 @@ def train(cfg, out_dir, device, dtype):
     data = common.data_identity(train_set.meta)
     saved, resumed_from = resume(state, cfg, out_dir, data, device)
     state.processes += 1
+    # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
+    state.step_model = torch.compile(state.model) if cfg.compile else state.model
     checkpoint_dir = checkpoints.make_folder(out_dir, resumed_from, state.step)
     writer = SummaryWriter(out_dir / "tensorboard", purge_step=state.step + 1)  # drop events after the checkpoint
     signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh

@@ -125,13 +125,14 @@ def destroy_process_group():
         dist.destroy_process_group()
 
 
-def all_reduce_sum(*values, device):
-    """Every rank calls this (an all-reduce): numbers (floats, or one-element tensors such as a loss) summed over
+def all_reduce_mean(*values):
+    """Every rank calls this (an all-reduce): numbers (floats, or one-element tensors such as a loss) averaged over
     the ranks, in one collective, as Python floats. In one process: the numbers themselves."""
-    together = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device).detach().reshape(())
-                            for value in values])  # fmt: skip
+    device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"  # NCCL reduces on GPUs
+    together = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device).reshape(()) for value in values])
     if dist.is_initialized():
         dist.all_reduce(together)
+        together /= dist.get_world_size()
     return together.tolist()  # waits for the GPU, and for the other ranks
 
 
