@@ -197,7 +197,8 @@ def train(cfg, out_dir, device):
     data = common.data_identity(train_set.meta)
     saved, resumed_from = resume(state, cfg, out_dir, data, device)
     state.processes += 1
-    checkpoint_dir = checkpoints.make_folder(out_dir, resumed_from, state.step)
+    checkpoint_dir = checkpoints.make_folder(out_dir)
+    checkpoints.set_aside_newer_work(out_dir, resumed_from, state.step)
     writer = SummaryWriter(out_dir / "tensorboard", purge_step=state.step + 1)  # drop events after the checkpoint
     signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
     signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel

@@ -194,7 +194,8 @@ def train(cfg, out_dir, device, dtype):
     state.processes += 1
     # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
     state.step_model = torch.compile(state.model) if cfg.compile else state.model
-    checkpoint_dir = checkpoints.make_folder(out_dir, resumed_from, state.step)
+    checkpoint_dir = checkpoints.make_folder(out_dir)
+    checkpoints.set_aside_newer_work(out_dir, resumed_from, state.step)
     writer = SummaryWriter(out_dir / "tensorboard", purge_step=state.step + 1)  # drop events after the checkpoint
     signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
     signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel

@@ -232,7 +232,8 @@ def train(cfg, out_dir, device, dtype, rank, world_size, launcher):
     state.step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     checkpoint_dir, writer = out_dir / "checkpoints", None  # rank 0 alone writes: events, checkpoints, summary
     if rank == 0:
-        checkpoint_dir = checkpoints.make_folder(out_dir, resumed_from, state.step)
+        checkpoint_dir = checkpoints.make_folder(out_dir)
+        checkpoints.set_aside_newer_work(out_dir, resumed_from, state.step)
         writer = SummaryWriter(out_dir / "tensorboard", purge_step=state.step + 1)  # drop events after the checkpoint
     signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
     signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel

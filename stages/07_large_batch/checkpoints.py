@@ -116,9 +116,8 @@ def make_deterministic():
     torch.backends.cudnn.benchmark = False
 
 
-def make_folder(out_dir, resumed_from, step):
-    """out_dir/checkpoints, ready to be written. A resume from an older checkpoint than the folder's newest first
-    sets the newer work aside (see set_aside_newer_work)."""
+def make_folder(out_dir):
+    """out_dir/checkpoints, ready to be written."""
     folder = out_dir / "checkpoints"
     try:
         folder.mkdir(exist_ok=True)
@@ -126,9 +125,6 @@ def make_folder(out_dir, resumed_from, step):
         raise common.UserError(
             f"cannot write checkpoints to {folder} ({error.strerror}): choose another --out_dir"
         ) from None
-    branch = set_aside_newer_work(out_dir, resumed_from, step)
-    if branch:
-        log.info(f"resumed from an older checkpoint: a new branch; the newer work moved to {branch} (nothing lost)")
     return folder
 
 
@@ -162,6 +158,7 @@ def set_aside_newer_work(out_dir, resumed_from, step):
         path.rename(branch / path.relative_to(out_dir))
     if (out_dir / "tensorboard").exists():
         shutil.copytree(out_dir / "tensorboard", branch / "tensorboard")
+    log.info(f"resumed from an older checkpoint: a new branch; the newer work moved to {branch} (nothing lost)")
     return branch
 
 

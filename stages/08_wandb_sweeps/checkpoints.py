@@ -109,6 +109,25 @@ def check_same_run(path, state, settings, data):
                                "in this folder (the earlier run's files are then moved to earlier/)")  # fmt: skip
 
 
+def make_deterministic():
+    """Only deterministic GPU kernels, some of them slower: then a resumed run is bit-exact on a GPU too."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, so before any GPU work
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def make_folder(out_dir):
+    """out_dir/checkpoints, ready to be written."""
+    folder = out_dir / "checkpoints"
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as error:
+        raise common.UserError(
+            f"cannot write checkpoints to {folder} ({error.strerror}): choose another --out_dir"
+        ) from None
+    return folder
+
+
 def how_to_resume(resume):
     """The advice printed when a run stops early."""
     if resume == "auto":
@@ -139,6 +158,7 @@ def set_aside_newer_work(out_dir, resumed_from, step):
         path.rename(branch / path.relative_to(out_dir))
     if (out_dir / "tensorboard").exists():
         shutil.copytree(out_dir / "tensorboard", branch / "tensorboard")
+    log.info(f"resumed from an older checkpoint: a new branch; the newer work moved to {branch} (nothing lost)")
     return branch
 
 

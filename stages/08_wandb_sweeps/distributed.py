@@ -1,10 +1,12 @@
-"""Which process am I, where are the others, and how do we agree: the distributed plumbing of train.py.
+"""Which process am I (its rank), where are the others, and the collectives train.py calls: the distributed plumbing.
+Each function that holds a collective says so in the first line of its docstring: every rank must call it, at the
+same point of the run, or the ranks that did wait for the others until ddp_timeout_s.
 
 A process learns its place from the launcher that started it:
 
 - torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT itself;
 - srun sets SLURM_PROCID (the rank), SLURM_LOCALID (the rank on this node) and SLURM_NTASKS (the world
-  size); the meeting point is then derived here: the first node of the job step, and a port derived from
+  size); MASTER_ADDR and MASTER_PORT are then derived here: the first node of the job step, and a port derived from
   the job id, so that two jobs that share a node do not collide. Doing it here, rather than in a batch
   script, makes any srun work: from sbatch, from salloc, or typed by hand;
 - neither (python train.py): one process and no process group, exactly as stage 05.
@@ -27,7 +29,7 @@ import common
 log = logging.getLogger(__name__)
 
 
-def launcher_place():
+def ranks_from_launcher():
     """(rank, local rank, world size, launcher) of this process; launcher is None when there is none."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun
@@ -39,7 +41,7 @@ def launcher_place():
     return 0, 0, 1, None
 
 
-def meeting_point_from_slurm():
+def master_addr_from_slurm():
     """MASTER_ADDR: the first node of this job step (where rank 0 runs), never the login node you submitted
     from. MASTER_PORT: 15000 to 29999, from the job id (below the ports Linux hands out to connections)."""
     if "MASTER_ADDR" not in os.environ:
@@ -75,7 +77,7 @@ def device_for(name, local_rank):
         torch.cuda.set_device(device)
     gpu = f"GPU {device.index} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "the CPU"
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    print(f"rank {launcher_place()[0]} (local rank {local_rank}) on {socket.gethostname()}: {gpu}, CPUs "
+    print(f"rank {ranks_from_launcher()[0]} (local rank {local_rank}) on {socket.gethostname()}: {gpu}, CPUs "
           f"{cpu_ranges(cpus)}", flush=True)  # fmt: skip
     return device
 
@@ -104,41 +106,46 @@ def cpu_ranges(cpus):
     return ",".join(f"{first}-{last}" if last > first else f"{first}" for first, last in ranges) or "?"
 
 
-def start(launcher, rank, world_size, device, timeout_s):
-    """Join the process group: NCCL between GPUs, gloo between CPU processes. A collective that waits longer
-    than timeout_s for a rank (one that died or hangs) fails, and the job ends instead of waiting forever."""
+def init_process_group(launcher, rank, world_size, device, timeout_s):
+    """Every rank calls this: join the process group (NCCL between GPUs, gloo between CPU processes). A collective
+    that waits longer than timeout_s for a rank (one that died or hangs) fails, and the job ends instead of waiting
+    for ever."""
     if launcher is None:
         return
     if launcher == "srun":
-        meeting_point_from_slurm()
+        master_addr_from_slurm()
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
 
 
-def stop():
+def destroy_process_group():
+    """Every rank calls this at the end of a run that did not fail (with a rank gone, it could wait for ever)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def sum_over_ranks(*values, device):
-    """Sum numbers (floats, or one-element tensors such as a loss) over every rank, in one collective; return
-    Python floats. In one process: the numbers themselves. Every rank must call it at the same step."""
-    together = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device).detach().reshape(())
-                            for value in values])  # fmt: skip
+def all_reduce_mean(*values):
+    """Every rank calls this (an all-reduce): numbers (floats, or one-element tensors such as a loss) averaged over
+    the ranks, in one collective, as Python floats. In one process: the numbers themselves."""
+    device = "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"  # NCCL reduces on GPUs
+    together = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device).reshape(()) for value in values])
     if dist.is_initialized():
         dist.all_reduce(together)
+        together /= dist.get_world_size()
     return together.tolist()  # waits for the GPU, and for the other ranks
 
 
-def wait_for_all():
+def barrier():
+    """Every rank calls this: each waits here until all have arrived."""
     if dist.is_initialized():
         dist.barrier()
 
 
 def check_same_on_every_rank(facts):
-    """Refuse to train when processes differ in what defines the run: settings, data set or the checkpoint
-    they resumed from. Different commands per rank would otherwise train a model that none of them meant."""
+    """Every rank calls this (an all-gather): refuse to train when processes differ in what defines the run
+    (settings, data set, the checkpoint they resumed from). Different commands per rank would otherwise train a
+    model that none of them meant."""
     if not dist.is_initialized():
         return
     everyone = [None] * dist.get_world_size()

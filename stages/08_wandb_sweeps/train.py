@@ -5,14 +5,15 @@ to sync later), the run continues across requeues, and a W&B sweep runs one tria
     sbatch -A <account> stages/08_wandb_sweeps/submit_pm.sh --config bs64        # 4 GPUs, one W&B run
     sbatch -A <account> stages/08_wandb_sweeps/submit_sweep_pm.sh <sweep_id>     # one trial of a W&B sweep
 """
+
 import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import os
 import signal
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -25,23 +26,22 @@ import checkpoints
 import common
 import data_loading
 import distributed
+import speedups
 import sweeps
 import tracking
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
-# The values each setting may take, checked when the config is read: a bad one stops with a one-line error.
-LIMITS = {"data_preset": list(common.PRESETS), "seed": ">= 0", "base_channels": ">= 1", "depth": ">= 1",
-          "base_lr": "> 0", "base_batch_size": ">= 1", "global_batch_size": ">= 1", "micro_batch_size": ">= 0",
-          "lr_scaling": ["none", "linear", "sqrt"], "warmup_epochs": ">= 0", "weight_decay": ">= 0",
-          "num_epochs": ">= 1", "log_every": ">= 1", "checkpoint_every": ">= 1", "keep_last": ">= 1",
-          "signal_at_step": ">= 0", "num_workers": ">= -1", "prefetch_factor": ">= 1",
-          "precision": ["auto", "fp32", "bf16", "fp16"], "ddp_timeout_s": "> 0",
-          "wandb_mode": ["auto", "online", "offline", "disabled"], "wandb_image_every": ">= 1"}  # fmt: skip
 RENAMED = {"lr": "base_lr", "batch_size": "global_batch_size"}  # stage 06's names, for the error that names ours
 # W&B's own environment variables set these settings too (the command line wins over them, they over config.yaml)
-WANDB_VARIABLES = {"wandb_mode": "WANDB_MODE", "wandb_project": "WANDB_PROJECT", "wandb_entity": "WANDB_ENTITY",
-                   "wandb_group": "WANDB_RUN_GROUP", "wandb_name": "WANDB_NAME", "wandb_run_id": "WANDB_RUN_ID"}
+WANDB_VARIABLES = {
+    "wandb_mode": "WANDB_MODE",
+    "wandb_project": "WANDB_PROJECT",
+    "wandb_entity": "WANDB_ENTITY",
+    "wandb_group": "WANDB_RUN_GROUP",
+    "wandb_name": "WANDB_NAME",
+    "wandb_run_id": "WANDB_RUN_ID",
+}
 # Settings a resumed run may change. All the others define the run: a checkpoint resumes only with the same.
 # (The loader's settings change how fast batches come, never what is in them: see tests/test_data_loading.py.
 # compile changes how the same arithmetic runs; precision and tf32 change the arithmetic, so they define the run.
@@ -52,7 +52,7 @@ MAY_CHANGE_ON_RESUME = {"config", "data_root", "out_dir", "device", "log_every",
                         "prefetch_factor", "compile", "ddp_timeout_s", "micro_batch_size", "wandb_mode",
                         "wandb_project", "wandb_entity", "wandb_group", "wandb_name", "wandb_run_id",
                         "wandb_image_every", "trial_file"}  # fmt: skip
-stop_signal = None  # set by the signal handler; the ranks agree to stop at their next comparison of notes
+stop_signal = None  # set by the signal handler; the ranks agree to stop at the next step where they agree
 
 
 def request_stop(signum, frame):
@@ -62,42 +62,131 @@ def request_stop(signum, frame):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def make_deterministic():
-    """Only deterministic GPU kernels, some of them slower: then a resumed run is bit-exact on a GPU too."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, so before any GPU work
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-
-
-def autocast_dtype(precision, device):
-    """The 16-bit type autocast computes in (None: float32 everywhere). auto: bf16 on a GPU that has it, fp16 on an
-    older GPU; float32 on a CPU, where bf16 ran 5 times slower than float32 on ours (see the README)."""
-    if precision == "auto":
-        precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def use_tf32(enabled):
-    """TF32: float32 matrix products and convolutions on the tensor cores of an A100 or newer, with a 10-bit
-    mantissa. Every switch of both of PyTorch's APIs: the old allow_tf32 flags, then (PyTorch 2.9 and newer) the
-    fp32_precision ones. With only some of the new ones set, reading the old flags raises (PyTorch 2.14)."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        precision = "tf32" if enabled else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-        torch.backends.cudnn.rnn.fp32_precision = precision
-
-
 def run_settings(cfg):
     """The settings that define this run; they are stored in every checkpoint."""
     return {key: value for key, value in vars(cfg).items() if key not in MAY_CHANGE_ON_RESUME}
 
 
+@dataclasses.dataclass
+class TrainingState:
+    """The model, what trains it, and where the run stands."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ddp_model: torch.nn.Module | None = None  # the model in DDP (or the model, in one process): its no_sync
+    step_model: torch.nn.Module | None = None  # what a step calls, set once the checkpoint is loaded
+    epoch: int = 0
+    batch_in_epoch: int = 0  # the batches of this epoch trained so far
+    step: int = 0
+    epoch_loss: float = 0.0  # the sum of this epoch's batch losses so far
+    best_val_loss: float = math.inf
+    processes: int = 0  # the processes that trained this run: one more at each resume
+    wandb_run_id: str | None = None  # the W&B run that this run logs to
+
+
+def build_training_state(cfg, device, batches_per_epoch, total_steps, dtype):
+    """The model, and the optimizer, learning-rate schedule and loss scaler that train it; and the warmup steps."""
+    model = common.UNet(cfg.base_channels, cfg.depth).to(device)
+    fused = device.type == "cuda"  # one GPU kernel for the whole update instead of several per parameter
+    peak_lr = batch_scaling.peak_lr(cfg)  # base_lr, scaled for the global batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=cfg.weight_decay, fused=fused)
+    scheduler, warmup_steps = batch_scaling.make_scheduler(optimizer, cfg, batches_per_epoch, total_steps)
+    log.info(f"peak lr {peak_lr:.2e} ({cfg.lr_scaling} rule, base_lr {cfg.base_lr:.2e} at batch "
+             f"{cfg.base_batch_size}), {warmup_steps} warmup steps, then cosine to 0")  # fmt: skip
+    # fp16 only: scale the loss up so that small gradients do not round to zero in 16 bits (a no-op otherwise)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return TrainingState(model, optimizer, scheduler, scaler), warmup_steps
+
+
+def train_step(state, batches, accumulation, device, dtype):
+    """One optimizer step on this process's share of a batch, in `accumulation` micro-batches; returns the step's
+    loss, a tensor: reading it would wait for the GPU."""
+    state.optimizer.zero_grad(set_to_none=True)
+    loss = torch.zeros((), device=device)
+    for micro in range(accumulation):  # backward adds each micro-batch's gradients to the ones before
+        delta, phi = next(batches)
+        delta, phi = delta.to(device, non_blocking=True), phi.to(device, non_blocking=True)  # overlaps with compute
+        # DDP averages the gradients over the ranks in every backward; once per step is enough: the last one
+        sync = micro == accumulation - 1 or state.ddp_model is state.model
+        with contextlib.nullcontext() if sync else state.ddp_model.no_sync():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # 16-bit where it is safe
+                micro_loss = torch.nn.functional.mse_loss(state.step_model(delta).float(), phi) / accumulation
+            state.scaler.scale(micro_loss).backward()
+        loss += micro_loss.detach()  # the mean over the step's micro-batches
+    state.scaler.step(state.optimizer)  # unscales the gradients; skips the update if one is inf or NaN (fp16 overflow)
+    state.scaler.update()  # the scale shrinks after an overflow and grows after 2000 good steps
+    state.scheduler.step()
+    state.step += 1
+    state.batch_in_epoch += 1
+    state.epoch_loss += loss  # no .item(): the CPU queues the next step without waiting for the GPU
+    return loss
+
+
+def raise_if_diverged(loss, step, lr, data_dir):
+    if not math.isfinite(loss):
+        common.check_data_finite(data_dir)  # a NaN in the data is no matter of the learning rate
+        raise common.UserError(f"the loss is {loss} at step {step}: training diverged at lr {lr:.2e}; try a smaller "
+                               "--base_lr, another --lr_scaling, or more --warmup_epochs")  # fmt: skip
+
+
+def save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, rank):
+    """Every rank calls this (an all-reduce and a barrier); rank 0 saves every state a bit-exact resume needs, and
+    the settings and the data that define the run."""
+    (epoch_loss,) = distributed.all_reduce_mean(state.epoch_loss)  # each rank's sum: an equal share for each
+    path = None
+    if rank == 0:
+        path = write_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, epoch_loss)
+    distributed.barrier()  # no rank exits (and gets rank 0 killed by its launcher) before the file is saved
+    return path
+
+
+def write_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, epoch_loss):
+    saved = {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "rng": checkpoints.rng_states(),
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "step": state.step,
+        "epoch_loss": epoch_loss,
+        "best_val_loss": state.best_val_loss,
+        "processes": state.processes,
+        "totals": timer.totals_now(),
+        "settings": run_settings(cfg),
+        "data": data,
+        "threads": torch.get_num_threads(),
+        "wandb_run_id": state.wandb_run_id,
+    }
+    return checkpoints.save_checkpoint(checkpoint_dir, saved, cfg.keep_last, keep=resumed_from)
+
+
+def resume(state, cfg, out_dir, data, device):
+    """Continue from the newest good checkpoint of this run (or the one --resume names), if there is one: load every
+    state it holds, the random generators' too. Returns the checkpoint (None for a new run) and its path."""
+    saved, path = checkpoints.load_checkpoint(cfg.resume, out_dir / "checkpoints", run_settings(cfg), data)
+    if saved is None:
+        return None, None
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.scaler.load_state_dict(saved["scaler"])
+    checkpoints.set_rng_states(saved["rng"])
+    state.epoch, state.batch_in_epoch, state.step = saved["epoch"], saved["batch_in_epoch"], saved["step"]
+    state.epoch_loss, state.best_val_loss = saved["epoch_loss"], saved["best_val_loss"]
+    state.processes, state.wandb_run_id = saved["processes"], saved["wandb_run_id"]
+    if device.type == "cpu" and saved["threads"] != torch.get_num_threads():  # see the README: bit-exact resume
+        log.warning(f"{torch.get_num_threads()} CPU threads now, {saved['threads']} before: results may differ")
+    return saved, path
+
+
 @torch.no_grad()
 def validate(model, loader, device, dtype):
-    """Mean loss and relative L2 error over the validation set (each rank its share), and a batch for a picture."""
+    """Every rank calls this (an all-reduce): the mean loss and relative L2 error over the validation set, each rank
+    validating its share, and a batch for a picture."""
     model.eval()
     loss_sum, error_sum, count = 0.0, 0.0, 0
     for delta, phi in loader:
@@ -108,267 +197,169 @@ def validate(model, loader, device, dtype):
         error_sum += common.relative_l2(prediction, phi) * len(phi)
         count += len(phi)
     model.train()
-    loss_sum, error_sum, count = distributed.sum_over_ranks(loss_sum, error_sum, count, device=device)  # one wait
+    loss_sum, error_sum, count = distributed.all_reduce_mean(loss_sum, error_sum, count)  # one wait for the GPU
     return loss_sum / count, error_sum / count, (delta, phi, prediction)
 
 
-def train(cfg, out_dir, device, rank, world_size, launcher):
-    if cfg.deterministic:
-        make_deterministic()
-    dtype = autocast_dtype(cfg.precision, device)
-    cfg.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]  # auto: what it chose
-    use_tf32(cfg.tf32)
-    torch.manual_seed(cfg.seed)
-    micro_batch, accumulation = batch_scaling.micro_batches(cfg, world_size)
-    data_dir = distributed.ensure_data_once(cfg.data_preset, cfg.data_root, rank)
-    train_set, sampler, train_loader, val_loader = data_loading.make_loaders(cfg, data_dir, device, micro_batch,
-                                                                             rank, world_size)
-    batches_per_epoch = len(train_set) // cfg.global_batch_size  # optimizer steps per epoch
-    baseline = train_set.meta["baseline_rel_l2"]
+def agree_across_ranks(loss, wait):
+    """Every rank calls this, at the same steps (an all-reduce): the loss and the data wait averaged over the ranks,
+    and whether any rank was asked to stop. So all stop at the same step, and a NaN on one stops all."""
+    loss, wait, stops = distributed.all_reduce_mean(loss, wait, stop_signal is not None)
+    return loss, wait, stops > 0
 
-    model = common.UNet(cfg.base_channels, cfg.depth).to(device)
-    fused = device.type == "cuda"  # one GPU kernel for the whole update instead of several per parameter
-    peak_lr = batch_scaling.peak_lr(cfg)  # base_lr, scaled for the global batch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=cfg.weight_decay, fused=fused)
-    # fp16 only: scale the loss up so that small gradients do not round to zero in 16 bits (a no-op otherwise)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    total_steps = cfg.num_epochs * batches_per_epoch
-    scheduler, warmup_steps = batch_scaling.make_scheduler(optimizer, cfg, batches_per_epoch, total_steps)
 
-    checkpoint_dir = out_dir / "checkpoints"
-    start_epoch, first_batch, step, epoch_loss, best_val_loss = 0, 0, 0, 0.0, math.inf
-    # Summed over every process of this run, so that summary.json describes the whole run.
-    totals = {"train_time": 0.0, "wait_time": 0.0, "timed_steps": 0, "wall_time": 0.0, "processes": 0,
-              "first_step_time": 0.0}  # fmt: skip
-    data = common.data_identity(train_set.meta)
-    state, resumed_from = checkpoints.load_checkpoint(cfg.resume, checkpoint_dir, run_settings(cfg), data)
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoints.set_rng_states(state["rng"])
-        start_epoch, first_batch, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        epoch_loss, best_val_loss, totals = state["epoch_loss"], state["best_val_loss"], state["totals"]
-        if device.type == "cpu" and state["threads"] != torch.get_num_threads():  # see the README: bit-exact resume
-            log.warning(f"{torch.get_num_threads()} CPU threads now, {state['threads']} before: results may differ")
-    distributed.check_same_on_every_rank({**run_settings(cfg), "data set": train_set.meta, "resumed at step": step})
-    # DDP starts by sending rank 0's weights to all (the same start everywhere); during backward it averages the
-    # gradients over the ranks, bucket by bucket, while backward goes on. (GroupNorm keeps no running statistics:
-    # there are no buffers that DDP would have to send at every step, as it must for BatchNorm.)
-    ddp_model = DistributedDataParallel(model) if launcher else model
-    # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
-    step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
-    totals["processes"] += 1
-    writer = None  # rank 0 alone writes: TensorBoard events, checkpoints, best.pt and the summary
-    if rank == 0:
-        try:
-            checkpoint_dir.mkdir(exist_ok=True)
-        except OSError as error:
-            raise common.UserError(f"cannot write checkpoints to {checkpoint_dir} ({error.strerror}): "
-                                   "choose another --out_dir") from None  # fmt: skip
-        branch = checkpoints.set_aside_newer_work(out_dir, resumed_from, step)
-        if branch:
-            log.info(f"resumed from an older checkpoint: a new branch; the newer work moved to {branch} (nothing lost)")
-        writer = SummaryWriter(out_dir / "tensorboard", purge_step=step + 1)  # drop events after the checkpoint
-        # W&B: the run of the checkpoint continues (its id is stored there), or the sweep trial's, or a new one. A new
-        # branch is a new W&B run: W&B would drop the steps it logs again below the old run's last (see the README).
-        continued = None if branch else (state or {}).get("wandb_run_id")
-        # (Meanwhile the other ranks wait in a collective: W&B gets half of its timeout to start online.)
-        run_id = tracking.start(cfg, out_dir, continued or cfg.wandb_run_id, cfg.wandb_name or f"{STAGE}-{cfg.config}",
-                                time_limit_s=cfg.ddp_timeout_s / 2)  # fmt: skip
-
-    def checkpoint(epoch, batch_in_epoch):
-        # Each rank's running sum of its losses: summed over the ranks, an equal share of it stored for each
-        (global_epoch_loss,) = distributed.sum_over_ranks(epoch_loss, device=device)
-        path = None
-        if rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "rng": checkpoints.rng_states(), "epoch": epoch,
-                     "batch_in_epoch": batch_in_epoch, "step": step, "epoch_loss": global_epoch_loss / world_size,
-                     "best_val_loss": best_val_loss, "settings": run_settings(cfg),
-                     "totals": {**totals, "wall_time": totals["wall_time"] + time.perf_counter() - start},
-                     "threads": torch.get_num_threads(), "data": data, "wandb_run_id": run_id}  # fmt: skip
-            path = checkpoints.save_checkpoint(checkpoint_dir, state, cfg.keep_last, keep=resumed_from)
-        distributed.wait_for_all()  # no rank exits (and gets rank 0 killed by its launcher) before the file is saved
-        return path
-
-    signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
-    signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel
-    signal.signal(signal.SIGINT, request_stop)  # Ctrl-C
-    log.info(f"{common.count_parameters(model):,} parameters on {common.hardware(device)}; {total_steps} steps")
-    log.info(f"{world_size} process(es), launcher {launcher or 'none'}: {sampler.local_batch} samples of each batch "
-             f"of {cfg.global_batch_size} per process, in {accumulation} micro-batch(es) of {micro_batch}")
-    log.info(f"peak lr {peak_lr:.2e} ({cfg.lr_scaling} rule, base_lr {cfg.base_lr:.2e} at batch "
-             f"{cfg.base_batch_size}), {warmup_steps} warmup steps, then cosine to 0")
-    log.info(f"precision {cfg.precision}, tf32 {cfg.tf32}, compile {cfg.compile}, fused AdamW {fused}")
-    log.info(f"physics baseline (linear solve): relative L2 error {baseline:.3f} on the validation set")
-
-    if start_epoch == cfg.num_epochs:
-        log.info(f"this run finished already (step {step}): pass --resume none to train again from scratch")
-        return common.read_summary(out_dir)
-    start = time.perf_counter()
-    first_step_done, stop = False, False
-    for epoch in range(start_epoch, cfg.num_epochs):
-        sampler.set_epoch(epoch, first_batch)
-        window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-        loader = iter(train_loader)
-        for batch_index in range(first_batch, batches_per_epoch):
-            optimizer.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=device)
-            for micro in range(accumulation):  # backward adds each micro-batch's gradients to the ones before
-                wait_start = time.perf_counter()
-                delta, phi = next(loader)
-                window_wait += time.perf_counter() - wait_start  # time spent waiting for this micro-batch
-                delta, phi = delta.to(device, non_blocking=True), phi.to(device, non_blocking=True)
-                # DDP averages the gradients over the ranks in every backward; once per step is enough: the last one
-                sync = micro == accumulation - 1 or launcher is None
-                with contextlib.nullcontext() if sync else ddp_model.no_sync():
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        micro_loss = torch.nn.functional.mse_loss(step_model(delta).float(), phi) / accumulation
-                    scaler.scale(micro_loss).backward()
-                loss += micro_loss.detach()  # the mean over the step's micro-batches
-                if step + 1 == cfg.signal_at_step and micro == 0 and rank == 0:  # to try it out, during a step
-                    os.kill(os.getpid(), signal.SIGUSR1)  # as Slurm would, but to one process only
-            scaler.step(optimizer)  # unscales the gradients; skips the update if one is inf or NaN (fp16 overflow)
-            scaler.update()  # the scale shrinks after an overflow and grows after 2000 good steps
-            scheduler.step()
-            step += 1
-            window_steps += 1
-            epoch_loss += loss.detach()  # no .item() here: the CPU queues the next step without waiting for the GPU
-
-            if not first_step_done:  # it compiles (--compile true) and starts the workers: timed apart
-                loss.item()  # wait for the GPU to finish the step
-                first_step_done, first_step_time = True, time.perf_counter() - window_start
-                totals["first_step_time"] += first_step_time
-                log.info(f"first step: {first_step_time:.1f} s, not counted in samples/s")
-                window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-
-            # The ranks compare notes at the same steps (a collective waits for all): the mean loss, and whether any
-            # of them was asked to stop. So all stop at the same step, and a NaN stops all, before any checkpoint.
-            # (Only here, between optimizer steps: a stop never splits a step's micro-batches.)
-            end_of_epoch = batch_index == batches_per_epoch - 1
-            alone_and_asked = stop_signal is not None and launcher is None  # nobody to agree with: stop now
-            if alone_and_asked or end_of_epoch or step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0:
-                loss_sum, wait_sum, stops = distributed.sum_over_ranks(loss, window_wait, stop_signal is not None,
-                                                                       device=device)  # fmt: skip
-                mean_loss, stop = loss_sum / world_size, stops > 0
-                raise_if_diverged(mean_loss, step, scheduler.get_last_lr()[0], train_set.path.parent)
-            # Every log_every steps of the run (the first step is timed apart, so counting the window's would shift)
-            if window_steps and (step % cfg.log_every == 0 or end_of_epoch):
-                elapsed = time.perf_counter() - window_start
-                samples_per_s = window_steps * cfg.global_batch_size / elapsed
-                wait_share = wait_sum / world_size / elapsed  # the mean over the ranks
-                eta = (total_steps - step) * elapsed / window_steps
-                lr = scheduler.get_last_lr()[0]
-                log.info(
-                    f"step {step}/{total_steps} | epoch {epoch + 1} | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                    f"{samples_per_s:.0f} samples/s | data wait {wait_share:.0%} | ETA {format_seconds(eta)}"
-                )
-                add_scalars(writer, step, {"train/loss": mean_loss, "train/lr": lr, "perf/samples_per_s": samples_per_s,
-                                           "perf/data_wait_share": wait_share})  # fmt: skip
-                totals["train_time"] += elapsed
-                totals["wait_time"] += window_wait
-                totals["timed_steps"] += window_steps
-                window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-            if stop or step % cfg.checkpoint_every == 0:
-                path = checkpoint(epoch, batch_index + 1)
-            if stop:
-                log.info(f"{stop_signal or 'a stop signal to another process'} received: saved {path} at step {step}; "
-                         f"{checkpoints.how_to_resume(cfg.resume)}")  # fmt: skip
-                add_scalars(writer, step, {})  # closes the event file
-                return None
-
-        val_loss, val_error, examples = validate(step_model, val_loader, device, dtype)
-        (epoch_loss_sum,) = distributed.sum_over_ranks(epoch_loss, device=device)
-        train_loss = epoch_loss_sum / world_size / batches_per_epoch
-        log.info(
-            f"epoch {epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
-            f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
-        )
-        add_scalars(writer, step, {"val/loss": val_loss, "val/relative_l2": val_error},
-                    image=common.prediction_panel(*examples) if writer else None)  # fmt: skip
-        if val_loss < best_val_loss:  # the same on every rank: it is the mean over all of them
-            best_val_loss = val_loss
-            best = {"model": model.state_dict(), "settings": run_settings(cfg), "step": step, "val_loss": val_loss}
-            if rank == 0:
-                checkpoints.save_atomically(best, checkpoint_dir / "best.pt")
-        first_batch, epoch_loss = 0, 0.0
-        if epoch + 1 < cfg.num_epochs:  # the last one is saved after the summary: a finished run has both
-            checkpoint(epoch + 1, 0)
-
-    add_scalars(writer, step, {})
-    summary = {} if rank != 0 else common.write_summary(
-        out_dir,
-        STAGE,
-        cfg,
-        device,
-        final_train_loss=train_loss,
-        final_val_loss=val_loss,
-        val_relative_l2=val_error,
-        baseline_relative_l2=baseline,
-        samples_per_s=totals["timed_steps"] * cfg.global_batch_size / totals["train_time"],
-        data_wait_share=totals["wait_time"] / totals["train_time"],
-        wall_time_s=totals["wall_time"] + time.perf_counter() - start,
-        first_step_s=totals["first_step_time"],
-        steps=step,
-        processes=totals["processes"],
-        world_size=world_size,
-        micro_batches_per_step=accumulation,
-        peak_lr=peak_lr,
-        warmup_steps=warmup_steps,
+def log_progress(writer, state, total_steps, loss, timer, wait):
+    """The progress line, and TensorBoard on rank 0 (the others have no writer). wait: the window's data wait."""
+    samples_per_s, wait, eta = timer.window(state.step, wait)  # wait: now the share of the time spent waiting
+    lr = state.scheduler.get_last_lr()[0]
+    log.info(
+        f"step {state.step}/{total_steps} | epoch {state.epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | "
+        f"{samples_per_s:.0f} samples/s | data wait {wait:.0%} | ETA {eta}"
     )
-    checkpoint(cfg.num_epochs, 0)
-    return summary
-
-
-def add_scalars(writer, step, scalars, image=None):
-    """TensorBoard and W&B, on rank 0 only (the others have no writer). Nothing to add: the run ends, close the file."""
+    scalars = {"train/loss": loss, "train/lr": lr, "perf/samples_per_s": samples_per_s, "perf/data_wait_share": wait}
     if writer is None:
         return
     for name, value in scalars.items():
-        writer.add_scalar(name, value, step)
-    if image is not None:
-        writer.add_image("val/delta_truth_prediction_error", image, step)
-    tracking.log_metrics(step, scalars, image)
-    if not scalars:
+        writer.add_scalar(name, value, state.step)
+    tracking.log_metrics(state.step, scalars)
+
+
+def log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples):
+    log.info(
+        f"epoch {state.epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
+        f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
+    )
+    if writer is None:
+        return
+    scalars, image = {"val/loss": val_loss, "val/relative_l2": val_error}, common.prediction_panel(*examples)
+    for name, value in scalars.items():
+        writer.add_scalar(name, value, state.step)
+    writer.add_image("val/delta_truth_prediction_error", image, state.step)
+    tracking.log_metrics(state.step, scalars, image)
+
+
+def save_best(state, cfg, val_loss, checkpoint_dir, rank):
+    """best.pt: the weights of the lowest validation loss so far, kept apart from the checkpoints (predict.py)."""
+    if val_loss >= state.best_val_loss:  # the same on every rank: the mean over all of them
+        return
+    state.best_val_loss = val_loss
+    best = {"model": state.model.state_dict(), "settings": run_settings(cfg), "step": state.step, "val_loss": val_loss}
+    if rank == 0:
+        checkpoints.save_atomically(best, checkpoint_dir / "best.pt")
+
+
+def train(cfg, out_dir, device, dtype, rank, world_size, launcher):
+    torch.manual_seed(cfg.seed)
+    data_dir = distributed.ensure_data_once(cfg.data_preset, cfg.data_root, rank)
+    micro_batch, accumulation = batch_scaling.micro_batches(cfg, world_size)
+    loaders = data_loading.make_loaders(cfg, data_dir, device, micro_batch, rank, world_size)
+    train_set, sampler, train_loader, val_loader = loaders
+    baseline = train_set.meta["baseline_rel_l2"]
+    batches_per_epoch = len(train_set) // cfg.global_batch_size  # optimizer steps per epoch
+    total_steps = cfg.num_epochs * batches_per_epoch
+    state, warmup_steps = build_training_state(cfg, device, batches_per_epoch, total_steps, dtype)
+    data = common.data_identity(train_set.meta)
+    saved, resumed_from = resume(state, cfg, out_dir, data, device)
+    state.processes += 1
+    distributed.check_same_on_every_rank(
+        {**run_settings(cfg), "data set": train_set.meta, "resumed at step": state.step}
+    )
+    # DDP starts by sending rank 0's weights to all (the same start everywhere); during backward it averages the
+    # gradients over the ranks, bucket by bucket, while backward goes on. (GroupNorm keeps no running statistics:
+    # there are no buffers that DDP would have to send at every step, as it must for BatchNorm.)
+    state.ddp_model = DistributedDataParallel(state.model) if launcher else state.model
+    # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
+    state.step_model = torch.compile(state.ddp_model) if cfg.compile else state.ddp_model
+    checkpoint_dir, writer = out_dir / "checkpoints", None  # rank 0 alone writes: events, checkpoints, summary
+    if rank == 0:
+        checkpoint_dir = checkpoints.make_folder(out_dir)
+        branch = checkpoints.set_aside_newer_work(out_dir, resumed_from, state.step)
+        # W&B: the run of the checkpoint continues (its id is stored there), or the sweep trial's, or a new one. A new
+        # branch is a new W&B run: W&B would drop the steps it logs again below the old run's last (see the README).
+        # (Meanwhile the other ranks wait in a collective: W&B gets half of its timeout to start online.)
+        continued = None if branch else state.wandb_run_id
+        state.wandb_run_id = tracking.start(cfg, out_dir, continued or cfg.wandb_run_id, cfg.wandb_name or
+                                            f"{STAGE}-{cfg.config}", time_limit_s=cfg.ddp_timeout_s / 2)  # fmt: skip
+        writer = SummaryWriter(out_dir / "tensorboard", purge_step=state.step + 1)  # drop events after the checkpoint
+    signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
+    signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel
+    signal.signal(signal.SIGINT, request_stop)  # Ctrl-C
+    log.info(f"{common.count_parameters(state.model):,} parameters on {common.hardware(device)}; {total_steps} steps")
+    log.info(f"{world_size} process(es), launcher {launcher or 'none'}: {sampler.local_batch} samples of each batch "
+             f"of {cfg.global_batch_size} per process, in {accumulation} micro-batch(es) of {micro_batch}")  # fmt: skip
+    fused = state.optimizer.defaults["fused"]
+    log.info(f"precision {cfg.precision}, tf32 {cfg.tf32}, compile {cfg.compile}, fused AdamW {fused}")
+    log.info(f"physics baseline (linear solve): relative L2 error {baseline:.3f} on the validation set")
+    if state.epoch == cfg.num_epochs:
+        log.info(f"this run finished already (step {state.step}): pass --resume none to train again from scratch")
+        return common.read_summary(out_dir)
+
+    timer = common.StepTimer(cfg.global_batch_size, total_steps, log, totals=saved["totals"] if saved else None)
+    for epoch in range(state.epoch, cfg.num_epochs):
+        state.epoch = epoch
+        sampler.set_epoch(epoch, state.batch_in_epoch)
+        batches = timer.timed(train_loader)
+        for _ in range(state.batch_in_epoch, batches_per_epoch):
+            if state.step + 1 == cfg.signal_at_step and rank == 0:  # to try it out, during a step: as Slurm would,
+                os.kill(os.getpid(), signal.SIGUSR1)  # but to one process only
+            loss = train_step(state, batches, accumulation, device, dtype)
+            timer.step_done()
+            end_of_epoch = state.batch_in_epoch == batches_per_epoch
+            log_now = timer.steps and (state.step % cfg.log_every == 0 or end_of_epoch)
+            checkpoint_now = state.step % cfg.checkpoint_every == 0
+            alone_and_asked = stop_signal is not None and launcher is None  # nobody to agree with: stop now
+            if not (log_now or checkpoint_now or end_of_epoch or alone_and_asked):
+                continue  # the ranks agree at the same steps (an all-reduce waits for all): only at these
+            loss, wait, stop = agree_across_ranks(loss, timer.wait)
+            raise_if_diverged(
+                loss, state.step, state.scheduler.get_last_lr()[0], train_set.path.parent
+            )  # before a checkpoint: never NaN weights
+            if log_now:
+                log_progress(writer, state, total_steps, loss, timer, wait)
+            if stop or checkpoint_now:
+                path = save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, rank)
+            if stop:
+                advice = checkpoints.how_to_resume(cfg.resume)
+                log.info(f"{stop_signal or 'a stop signal to another process'} received: saved {path} at step "
+                         f"{state.step}; {advice}")  # fmt: skip
+                writer and writer.close()
+                return None
+
+        (epoch_loss,) = distributed.all_reduce_mean(state.epoch_loss)
+        train_loss = epoch_loss / batches_per_epoch
+        val_loss, val_error, examples = validate(state.step_model, val_loader, device, dtype)
+        log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples)
+        save_best(state, cfg, val_loss, checkpoint_dir, rank)
+        state.epoch, state.batch_in_epoch, state.epoch_loss = epoch + 1, 0, 0.0
+        if state.epoch < cfg.num_epochs:  # the last one is saved after the summary: a finished run has both
+            save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, rank)
+
+    summary = {}
+    if rank == 0:
         writer.close()
-
-
-def raise_if_diverged(loss, step, lr, data_dir):
-    if not math.isfinite(loss):
-        common.check_data_finite(data_dir)  # a NaN in the data is no matter of the learning rate
-        raise common.UserError(f"the loss is {loss} at step {step}: training diverged at lr {lr:.2e}; try a smaller "
-                               "--base_lr, another --lr_scaling, or more --warmup_epochs")  # fmt: skip
-
-
-def compile_failure(error):
-    """One line for torch.compile failing (no C++ compiler on a CPU, no working Triton on a GPU), or None."""
-    if not type(error).__module__.startswith(("torch._inductor", "torch._dynamo")):
-        return None
-    lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(("backend=", "Set "))]
-    reason, text = (lines or [type(error).__name__])[0], str(error)
-    need = "a C++ compiler (g++)" if "Cxx" in text or "C++" in text else "a working compiler toolchain"
-    need = "a working Triton (pip install triton)" if "triton" in text.lower() else need
-    return f"--compile true failed ({reason}): it needs {need}; install it, or pass --compile false"
-
-
-def format_seconds(seconds):
-    return time.strftime("%H:%M:%S", time.gmtime(max(0, math.ceil(seconds))))
+        figures = {"final_train_loss": train_loss, "final_val_loss": val_loss, "val_relative_l2": val_error}
+        figures |= {"baseline_relative_l2": baseline, "steps": state.step, "processes": state.processes}
+        figures |= {
+            "micro_batches_per_step": accumulation,
+            "peak_lr": batch_scaling.peak_lr(cfg),
+            "warmup_steps": warmup_steps,
+        }
+        summary = common.write_summary(out_dir, STAGE, cfg, device, **figures, **timer.summary(), world_size=world_size)
+    save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, rank)
+    return summary
 
 
 def main(argv=None):
     config_file = Path(__file__).with_name("config.yaml")
-    cfg = common.load_config(config_file, argv, LIMITS, RENAMED, WANDB_VARIABLES)
-    rank, local_rank, world_size, launcher = distributed.launcher_place()
+    cfg = common.load_config(config_file, argv, renamed=RENAMED, environment=WANDB_VARIABLES)
+    rank, local_rank, world_size, launcher = distributed.ranks_from_launcher()
     device = distributed.device_for(cfg.device, local_rank)
-    distributed.start(launcher, rank, world_size, device, cfg.ddp_timeout_s)
+    distributed.init_process_group(launcher, rank, world_size, device, cfg.ddp_timeout_s)
     # A sweep trial's settings reach rank 0 (from the W&B agent, or from its trial file after a requeue); every
     # rank gets them from rank 0, and trains them.
     trial = sweeps.this_trial(cfg, sys.argv[1:] if argv is None else argv, rank)
     if trial:
-        cfg = common.load_config(config_file, trial["arguments"], LIMITS, RENAMED, WANDB_VARIABLES)
+        cfg = common.load_config(config_file, trial["arguments"], renamed=RENAMED, environment=WANDB_VARIABLES)
     tracking.check_names(cfg)  # on every rank: a name W&B would refuse stops them all, before they start
     if cfg.global_batch_size % world_size:
         raise common.UserError(f"--global_batch_size {cfg.global_batch_size} is shared by {world_size} processes: "
@@ -383,39 +374,22 @@ def main(argv=None):
         log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
         if earlier:
             log.info(f"--resume none: moved the earlier run's files to {earlier} (delete it when no longer needed)")
-    summary = train(cfg, out_dir, device, rank, world_size, launcher)
+    if cfg.deterministic:
+        checkpoints.make_deterministic()
+    dtype = speedups.choose_precision(cfg, device)
+    summary = train(cfg, out_dir, device, dtype, rank, world_size, launcher)
     code = 3 if summary is None else 0  # 3, not 0: the run stopped early, with a checkpoint to resume from
     if rank == 0:
         tracking.finish(code)
         sweeps.record_exit_code(cfg, code)
-    distributed.stop()  # not after an error: with a rank gone, it could wait for ever
+    distributed.destroy_process_group()
     if code:
         sys.exit(code)
     if rank == 0:
-        log.info(
-            f"done in {summary['wall_time_s']:.0f} s: val relative L2 error {summary['val_relative_l2']:.3f} "
-            f"(baseline {summary['baseline_relative_l2']:.3f}), {summary['samples_per_s']:.0f} samples/s; "
-            f"summary in {out_dir / 'summary.json'}"
-        )
+        common.log_done(log, summary, out_dir)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.UserError as error:
-        tracking.finish(1)
-        rank = distributed.launcher_place()[0]
-        sys.exit(f"error: {error}" if rank == 0 else f"error on rank {rank}: {error}")
-    except KeyboardInterrupt:
-        tracking.finish(1)
-        sys.exit("error: interrupted (Ctrl-C)")
-    except Exception as error:  # another process or a worker died, or an unexpected error: end now
-        data_loading.end_workers()  # first: another worker ending now would raise again inside this handler
-        reason = data_loading.known_failure(error) or compile_failure(error) or distributed.known_failure(error)
-        if reason is None:
-            traceback.print_exc()  # (left uncaught, the error would keep the DataLoader alive, and its workers with it)
-        tracking.finish(1)
-        rank = distributed.launcher_place()[0]
-        sys.exit(1 if reason is None else f"error: {reason}" if rank == 0 else f"error on rank {rank}: {reason}")
-    finally:
-        data_loading.end_workers()
+    known_failures = [data_loading.known_failure, speedups.compile_failure, distributed.known_failure]
+    cleanup = [data_loading.end_workers, functools.partial(tracking.finish, 1)]  # a failed run: W&B's exit code 1
+    common.run_main(main, distributed.ranks_from_launcher()[0], known_failures, cleanup)
