@@ -148,8 +148,8 @@ def test_compile_without_triton_on_a_gpu_is_named_too(stage):
         pass
 
     error = BackendCompilerFailed(inductor, TritonMissing(first_useful_frame=None), first_useful_frame=None)
-    train_module = stage_module(stage)
-    line = train_module.compile_failure(error)
+    speedups = stage_module(stage, "speedups")
+    line = speedups.compile_failure(error)
     assert line.startswith("--compile true failed (TritonMissing: Cannot find a working triton installation."), line
     assert "it needs a working Triton (pip install triton)" in line
-    assert train_module.compile_failure(RuntimeError("CUDA out of memory")) is None
+    assert speedups.compile_failure(RuntimeError("CUDA out of memory")) is None
