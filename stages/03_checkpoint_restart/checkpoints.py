@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,37 @@ import torch
 import common
 
 log = logging.getLogger(__name__)
+# Settings a resumed run may change, of every stage. All the others define the run: a checkpoint resumes only
+# with the same. (The loader's settings change how fast batches come, never what is in them: see
+# tests/test_data_loading.py. compile changes how the same arithmetic runs; precision and tf32 change the
+# arithmetic, so they define the run. micro_batch_size changes how many samples are computed at once, not the
+# step. The W&B settings say where the run is logged, not what it trains.)
+MAY_CHANGE_ON_RESUME = {"config", "data_root", "out_dir", "device", "log_every", "checkpoint_every", "keep_last",
+                        "resume", "signal_at_step", "num_workers", "pin_memory", "persistent_workers",
+                        "prefetch_factor", "compile", "ddp_timeout_s", "micro_batch_size", "trial_file",
+                        "wandb_mode", "wandb_project", "wandb_entity", "wandb_group", "wandb_name", "wandb_run_id",
+                        "wandb_image_every"}  # fmt: skip
+stop_signal = None  # the signal that asked this process to stop, set by request_stop
+
+
+def run_settings(cfg):
+    """The settings that define this run; they are stored in every checkpoint."""
+    return {key: value for key, value in vars(cfg).items() if key not in MAY_CHANGE_ON_RESUME}
+
+
+def catch_stop_signals():
+    """From now on, a request to stop lets the loop save a checkpoint and stop at the next step it checks: Slurm's
+    signal before the time limit (--signal=B:USR1@<seconds>, see submit_pm.sh), preemption or scancel (SIGTERM),
+    Ctrl-C (SIGINT)."""
+    for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+    if signum == signal.SIGINT:  # a second Ctrl-C quits at once, without saving
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def rng_states():

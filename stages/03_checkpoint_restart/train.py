@@ -5,10 +5,10 @@ Run it, then stop it at a step as Slurm would and resume:
     python stages/03_checkpoint_restart/train.py --config quick --signal_at_step 100  # stop there, as Slurm would
 """
 
+import collections
 import dataclasses
 import logging
 import math
-import os
 import signal
 import sys
 from pathlib import Path
@@ -23,10 +23,6 @@ import common
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
-# Settings a resumed run may change. All the others define the run: a checkpoint resumes only with the same.
-MAY_CHANGE_ON_RESUME = {"config", "data_root", "out_dir", "device", "log_every", "checkpoint_every", "keep_last",
-                        "resume", "signal_at_step"}  # fmt: skip
-stop_signal = None  # set by the signal handler; the loop checkpoints and stops at the next step boundary
 
 
 def make_loaders(cfg):
@@ -48,18 +44,6 @@ def epoch_loader(train_set, cfg, epoch, first_batch):
                       drop_last=True)  # fmt: skip
 
 
-def request_stop(signum, frame):
-    global stop_signal
-    stop_signal = signal.Signals(signum).name
-    if signum == signal.SIGINT:  # a second Ctrl-C quits at once, without saving
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def run_settings(cfg):
-    """The settings that define this run; they are stored in every checkpoint."""
-    return {key: value for key, value in vars(cfg).items() if key not in MAY_CHANGE_ON_RESUME}
-
-
 @dataclasses.dataclass
 class TrainingState:
     """The model, what trains it, and where the run stands."""
@@ -75,11 +59,18 @@ class TrainingState:
     processes: int = 0  # the processes that trained this run: one more at each resume
 
 
-def build_training_state(cfg, device, total_steps):
+# What stays the same while the run trains, read-only (a namedtuple): start_run makes it, the steps read it.
+RunSetup = collections.namedtuple(
+    "RunSetup", "cfg out_dir device train_set val_loader batches_per_epoch resumed_from writer"
+)
+
+
+def build_training_state(cfg, device, batches_per_epoch):
     """The model, and the optimizer and learning-rate schedule that train it."""
     model = common.UNet(cfg.base_channels, cfg.depth).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.num_epochs * batches_per_epoch)
+    log.info(f"{common.count_parameters(model):,} parameters on {common.hardware(device)}")
     return TrainingState(model, optimizer, scheduler)
 
 
@@ -96,37 +87,30 @@ def train_step(state, delta, phi):
     return loss.item()
 
 
-def raise_if_diverged(loss, step, lr, data_dir):
+def raise_if_diverged(loss, state, data_dir):
     if not math.isfinite(loss):
         common.check_data_finite(data_dir)  # a NaN in the data is no matter of the learning rate
-        raise common.UserError(f"the loss is {loss} at step {step}: training diverged; try a smaller --lr (now {lr})")
+        raise common.UserError(f"the loss is {loss} at step {state.step}: training diverged; try a smaller --lr")
 
 
-def save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from):
-    """Every state a bit-exact resume needs, and the settings and the data that define the run."""
-    saved = {
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
-        "rng": checkpoints.rng_states(),
-        "epoch": state.epoch,
-        "batch_in_epoch": state.batch_in_epoch,
-        "step": state.step,
-        "epoch_loss": state.epoch_loss,
-        "best_val_loss": state.best_val_loss,
-        "processes": state.processes,
-        "totals": timer.totals_now(),
-        "settings": run_settings(cfg),
-        "data": data,
-        "threads": torch.get_num_threads(),
-    }
-    return checkpoints.save_checkpoint(checkpoint_dir, saved, cfg.keep_last, keep=resumed_from)
+def save_checkpoint(setup, state, timer):
+    """What a bit-exact resume needs: the weights, the optimizer's and schedule's states, the random generators',
+    where the run stands; and what defines the run: its settings and its data."""
+    saved = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
+    saved |= {"scheduler": state.scheduler.state_dict()}
+    saved |= {"rng": checkpoints.rng_states(), "threads": torch.get_num_threads()}
+    saved |= {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step}
+    saved |= {"epoch_loss": state.epoch_loss, "best_val_loss": state.best_val_loss, "processes": state.processes}
+    saved |= {"totals": timer.totals_now()}
+    saved |= {"settings": checkpoints.run_settings(setup.cfg), "data": common.data_identity(setup.train_set.meta)}
+    folder, keep_last = setup.out_dir / "checkpoints", setup.cfg.keep_last
+    return checkpoints.save_checkpoint(folder, saved, keep_last, keep=setup.resumed_from)
 
 
 def resume(state, cfg, out_dir, data, device):
     """Continue from the newest good checkpoint of this run (or the one --resume names), if there is one: load every
     state it holds, the random generators' too. Returns the checkpoint (None for a new run) and its path."""
-    saved, path = checkpoints.load_checkpoint(cfg.resume, out_dir / "checkpoints", run_settings(cfg), data)
+    saved, path = checkpoints.load_checkpoint(cfg.resume, out_dir / "checkpoints", checkpoints.run_settings(cfg), data)
     if saved is None:
         return None, None
     state.model.load_state_dict(saved["model"])
@@ -156,97 +140,97 @@ def validate(model, loader, device):
     return loss_sum / count, error_sum / count, (delta, phi, prediction)
 
 
-def log_progress(writer, state, total_steps, loss, timer):
+def log_progress(setup, state, loss, timer):
     samples_per_s, wait, eta = timer.window(state.step)  # wait: the share of the time spent waiting for data
-    lr = state.scheduler.get_last_lr()[0]
-    log.info(
-        f"step {state.step}/{total_steps} | epoch {state.epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | "
-        f"{samples_per_s:.0f} samples/s | data wait {wait:.0%} | ETA {eta}"
-    )
+    lr, total_steps = state.scheduler.get_last_lr()[0], setup.cfg.num_epochs * setup.batches_per_epoch
+    log.info(f"step {state.step}/{total_steps} | epoch {state.epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | "
+             f"{samples_per_s:.0f} samples/s | data wait {wait:.0%} | ETA {eta}")  # fmt: skip
     scalars = {"train/loss": loss, "train/lr": lr, "perf/samples_per_s": samples_per_s, "perf/data_wait_share": wait}
     for name, value in scalars.items():
-        writer.add_scalar(name, value, state.step)
+        setup.writer.add_scalar(name, value, state.step)
 
 
-def log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples):
-    log.info(
-        f"epoch {state.epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
-        f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
-    )
+def log_validation(setup, state, train_loss, val_loss, val_error, examples):
+    baseline = setup.train_set.meta["baseline_rel_l2"]
+    log.info(f"epoch {state.epoch + 1}/{setup.cfg.num_epochs} | train loss {train_loss:.4f} | val loss "
+             f"{val_loss:.4f} | val relative L2 error {val_error:.3f} (baseline {baseline:.3f})")  # fmt: skip
     for name, value in {"val/loss": val_loss, "val/relative_l2": val_error}.items():
-        writer.add_scalar(name, value, state.step)
-    writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), state.step)
+        setup.writer.add_scalar(name, value, state.step)
+    setup.writer.add_image("val/delta_truth_prediction_error", common.prediction_panel(*examples), state.step)
 
 
-def save_best(state, cfg, val_loss, checkpoint_dir):
+def save_best(setup, state, val_loss):
     """best.pt: the weights of the lowest validation loss so far, kept apart from the checkpoints (predict.py)."""
     if val_loss >= state.best_val_loss:
         return
     state.best_val_loss = val_loss
-    best = {"model": state.model.state_dict(), "settings": run_settings(cfg), "step": state.step, "val_loss": val_loss}
-    checkpoints.save_atomically(best, checkpoint_dir / "best.pt")
+    best = {"model": state.model.state_dict(), "settings": checkpoints.run_settings(setup.cfg), "step": state.step}
+    checkpoints.save_atomically(best | {"val_loss": val_loss}, setup.out_dir / "checkpoints" / "best.pt")
 
 
-def train(cfg, out_dir, device):
+def start_run(cfg, out_dir, device):
+    """The data, the model resumed from its checkpoint, and the run's outputs."""
     torch.manual_seed(cfg.seed)
-    train_set, val_loader = make_loaders(cfg)
-    baseline = train_set.meta["baseline_rel_l2"]
+    loaders = make_loaders(cfg)
+    train_set = loaders[0]
     batches_per_epoch = len(train_set) // cfg.batch_size
-    total_steps = cfg.num_epochs * batches_per_epoch
-    state = build_training_state(cfg, device, total_steps)
-    data = common.data_identity(train_set.meta)
-    saved, resumed_from = resume(state, cfg, out_dir, data, device)
+    state = build_training_state(cfg, device, batches_per_epoch)
+    saved, resumed_from = resume(state, cfg, out_dir, common.data_identity(train_set.meta), device)
     state.processes += 1
-    checkpoint_dir = checkpoints.make_folder(out_dir)
+    checkpoints.make_folder(out_dir)
     checkpoints.set_aside_newer_work(out_dir, resumed_from, state.step)
     writer = SummaryWriter(out_dir / "tensorboard", purge_step=state.step + 1)  # drop events after the checkpoint
-    signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
-    signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel
-    signal.signal(signal.SIGINT, request_stop)  # Ctrl-C
-    log.info(f"{common.count_parameters(state.model):,} parameters on {common.hardware(device)}; {total_steps} steps")
-    log.info(f"physics baseline (linear solve): relative L2 error {baseline:.3f} on the validation set")
+    checkpoints.catch_stop_signals()  # from Slurm before the time limit, scancel, Ctrl-C: see checkpoints.py
+    log.info(f"physics baseline (linear solve): relative L2 error {train_set.meta['baseline_rel_l2']:.3f}")
+    setup = RunSetup(cfg, out_dir, device, *loaders, batches_per_epoch, resumed_from, writer)
+    total_steps = cfg.num_epochs * batches_per_epoch
+    timer = common.StepTimer(cfg.batch_size, total_steps, log, totals=saved["totals"] if saved else None)
+    return setup, state, timer
+
+
+def train(setup, state, timer):
+    """The loop over epochs and steps. Returns True if it stopped early, with a checkpoint to resume from."""
+    cfg = setup.cfg
     if state.epoch == cfg.num_epochs:
         log.info(f"this run finished already (step {state.step}): pass --resume none to train again from scratch")
-        return common.read_summary(out_dir)
-
-    timer = common.StepTimer(cfg.batch_size, total_steps, log, totals=saved["totals"] if saved else None)
+        return False
     for epoch in range(state.epoch, cfg.num_epochs):
         state.epoch = epoch
-        train_set.set_epoch(epoch)
-        for delta, phi in timer.timed(epoch_loader(train_set, cfg, epoch, state.batch_in_epoch)):
-            loss = train_step(state, delta.to(device), phi.to(device))
+        setup.train_set.set_epoch(epoch)
+        for delta, phi in timer.timed(epoch_loader(setup.train_set, cfg, epoch, state.batch_in_epoch)):
+            loss = train_step(state, delta.to(setup.device), phi.to(setup.device))
             timer.step_done()
-            raise_if_diverged(loss, state.step, cfg.lr, train_set.path.parent)
-            if timer.steps and (state.step % cfg.log_every == 0 or state.batch_in_epoch == batches_per_epoch):
-                log_progress(writer, state, total_steps, loss, timer)
             if state.step == cfg.signal_at_step:  # to try it out: the signal Slurm sends before the time limit
-                os.kill(os.getpid(), signal.SIGUSR1)
-            if stop_signal or state.step % cfg.checkpoint_every == 0:
-                path = save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from)
-            if stop_signal:
+                signal.raise_signal(signal.SIGUSR1)
+            raise_if_diverged(loss, state, setup.train_set.path.parent)  # before a checkpoint: never NaN weights
+            if timer.steps and (state.step % cfg.log_every == 0 or state.batch_in_epoch == setup.batches_per_epoch):
+                log_progress(setup, state, loss, timer)
+            if checkpoints.stop_signal or state.step % cfg.checkpoint_every == 0:
+                path = save_checkpoint(setup, state, timer)
+            if checkpoints.stop_signal:
                 advice = checkpoints.how_to_resume(cfg.resume)
-                log.info(f"{stop_signal} received: saved {path} at step {state.step}; {advice}")
-                writer.close()
-                return None
+                log.info(f"{checkpoints.stop_signal} received: saved {path} at step {state.step}; {advice}")
+                return True
 
-        train_loss = state.epoch_loss / batches_per_epoch
-        val_loss, val_error, examples = validate(state.model, val_loader, device)
-        log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples)
-        save_best(state, cfg, val_loss, checkpoint_dir)
+        train_loss = state.epoch_loss / setup.batches_per_epoch
+        val_loss, val_error, examples = validate(state.model, setup.val_loader, setup.device)
+        log_validation(setup, state, train_loss, val_loss, val_error, examples)
+        save_best(setup, state, val_loss)
         state.epoch, state.batch_in_epoch, state.epoch_loss = epoch + 1, 0, 0.0
         if state.epoch < cfg.num_epochs:  # the last one is saved after the summary: a finished run has both
-            save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from)
+            save_checkpoint(setup, state, timer)
 
-    writer.close()
     figures = {"final_train_loss": train_loss, "final_val_loss": val_loss, "val_relative_l2": val_error}
-    figures |= {"baseline_relative_l2": baseline, "steps": state.step, "processes": state.processes}
-    summary = common.write_summary(out_dir, STAGE, cfg, device, **figures, **timer.summary())
-    save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from)
-    return summary
+    figures |= {"baseline_relative_l2": setup.train_set.meta["baseline_rel_l2"], "steps": state.step}
+    figures |= {"processes": state.processes}
+    common.write_summary(setup.out_dir, STAGE, cfg, setup.device, **figures, **timer.summary())
+    save_checkpoint(setup, state, timer)
+    return False
 
 
 def main(argv=None):
     cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv)
+    device = common.choose_device(cfg.device)
     out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir)
     earlier = checkpoints.set_aside_earlier_run(out_dir) if cfg.resume == "none" else None
     common.setup_logging(out_dir, STAGE)
@@ -255,11 +239,12 @@ def main(argv=None):
         log.info(f"--resume none: moved the earlier run's files to {earlier} (delete it when you no longer need it)")
     if cfg.deterministic:
         checkpoints.make_deterministic()
-    device = common.choose_device(cfg.device)
-    summary = train(cfg, out_dir, device)
-    if summary is None:
+    setup, state, timer = start_run(cfg, out_dir, device)
+    stopped_early = train(setup, state, timer)
+    setup.writer.close()
+    if stopped_early:
         sys.exit(3)  # not 0: the run stopped early, with a checkpoint to resume from
-    common.log_done(log, summary, out_dir)
+    common.log_done(log, common.read_summary(out_dir), out_dir)
 
 
 if __name__ == "__main__":

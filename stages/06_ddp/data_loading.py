@@ -78,12 +78,16 @@ def make_loaders(cfg, data_dir, device, rank=0, world_size=1):
     Each rank loads its share of every batch, and validates every world_size-th sample."""
     train_set = common.FieldDataset(data_dir, "train", augment=True, seed=cfg.seed)
     val_set = common.FieldDataset(data_dir, "val")
-    if len(train_set) < cfg.batch_size:
-        raise common.UserError(f"--batch_size {cfg.batch_size} exceeds the {len(train_set)} training samples")
+    if cfg.global_batch_size % world_size:
+        raise common.UserError(f"--global_batch_size {cfg.global_batch_size} is shared by {world_size} processes: "
+                               f"choose a multiple of {world_size}")  # fmt: skip
+    if len(train_set) < cfg.global_batch_size:
+        raise common.UserError(f"--global_batch_size {cfg.global_batch_size} exceeds the {len(train_set)} training "
+                               f"samples of preset {cfg.data_preset!r}: choose a smaller one")  # fmt: skip
     common.check_depth(cfg.depth, train_set.meta["grid"])
     workers = worker_count(cfg.num_workers)
     pin = cfg.pin_memory and device.type == "cuda"  # page-locked host memory: faster, asynchronous copies to a GPU
-    sampler = EpochSampler(len(train_set), cfg.batch_size, cfg.seed, rank, world_size)
+    sampler = EpochSampler(len(train_set), cfg.global_batch_size, cfg.seed, rank, world_size)
     persistent = cfg.persistent_workers and workers > 0
     worker_start = functools.partial(start_worker, os.getpid())  # each worker is told its parent
     prefetch = cfg.prefetch_factor if workers > 0 else None  # batches each worker prepares ahead

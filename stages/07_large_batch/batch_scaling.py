@@ -4,11 +4,14 @@ learning rate a larger batch gets, and the schedule that warms it up and decays 
 Later stages copy this file unchanged.
 """
 
+import logging
 import math
 
 import torch
 
 import common
+
+log = logging.getLogger(__name__)
 
 
 def micro_batches(cfg, world_size):
@@ -32,15 +35,23 @@ def peak_lr(cfg):
     return cfg.base_lr * {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[cfg.lr_scaling]
 
 
-def make_scheduler(optimizer, cfg, steps_per_epoch, total_steps):
-    """A batch larger than the base starts at base_lr and ramps up linearly to the peak over warmup_epochs (a
-    large LR on the random weights of the first steps can diverge); then a cosine decays it to zero at the end."""
-    warmup = round(cfg.warmup_epochs * steps_per_epoch) if cfg.global_batch_size > cfg.base_batch_size else 0
+def warmup_steps(cfg, steps_per_epoch):
+    """A batch larger than the base warms up over warmup_epochs: a large LR on the random weights of the first steps
+    can diverge."""
+    return round(cfg.warmup_epochs * steps_per_epoch) if cfg.global_batch_size > cfg.base_batch_size else 0
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch):
+    """The learning rate ramps up linearly from base_lr to the peak over the warmup steps, if any; then a cosine
+    decays it to zero at the end."""
+    warmup, total_steps = warmup_steps(cfg, steps_per_epoch), cfg.num_epochs * steps_per_epoch
+    log.info(f"peak lr {peak_lr(cfg):.2e} ({cfg.lr_scaling} rule, base_lr {cfg.base_lr:.2e} at batch "
+             f"{cfg.base_batch_size}), {warmup} warmup steps, then cosine to 0")  # fmt: skip
     if warmup >= total_steps:
         raise common.UserError(f"--warmup_epochs {cfg.warmup_epochs} ({warmup} steps) leaves no step of the "
                                f"{total_steps} of this run after the warmup: choose fewer warmup epochs")  # fmt: skip
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps - warmup)
     if warmup == 0:
-        return cosine, 0
+        return cosine
     ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=cfg.base_lr / peak_lr(cfg), total_iters=warmup)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup]), warmup
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])

@@ -78,6 +78,9 @@ def make_loaders(cfg, data_dir, device, micro_batch, rank=0, world_size=1):
     Each rank loads its share of every batch, one micro-batch at a time, and validates every world_size-th sample."""
     train_set = common.FieldDataset(data_dir, "train", augment=True, seed=cfg.seed)
     val_set = common.FieldDataset(data_dir, "val")
+    if cfg.global_batch_size % world_size:
+        raise common.UserError(f"--global_batch_size {cfg.global_batch_size} is shared by {world_size} processes: "
+                               f"choose a multiple of {world_size}")  # fmt: skip
     if len(train_set) < cfg.global_batch_size:
         raise common.UserError(f"--global_batch_size {cfg.global_batch_size} exceeds the {len(train_set)} training "
                                f"samples of preset {cfg.data_preset!r}: choose a smaller one")  # fmt: skip

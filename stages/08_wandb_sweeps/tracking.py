@@ -1,5 +1,6 @@
 """Weights & Biases for train.py (stage 08's concept), on rank 0 only: choose the mode before anything waits on a
-network, start or continue the run, log metrics against an explicit step, and finish.
+network, start or continue the run, log metrics against an explicit step, and finish. W&B's run object is
+returned by start and passed to the others: this module keeps no state of its own.
 
 Modes (--wandb_mode, or W&B's own WANDB_MODE): auto is online when there are credentials and the server answers
 in time, else offline (the run is written to disk, for `wandb sync` later); online, offline and disabled are
@@ -12,6 +13,7 @@ import logging
 import netrc
 import os
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -22,8 +24,15 @@ import common
 log = logging.getLogger(__name__)
 SERVER_TIMEOUT_S = 5  # how long the server may take to accept a connection before the run goes offline
 INIT_TIMEOUT_S = 90  # wandb's own default wait for the server's answer to wandb.init (WANDB_INIT_TIMEOUT changes it)
-run = None  # the W&B run of this process (rank 0), or None
-image_every, next_image_step = 1, 0  # prediction images: one at the first validation after every image_every steps
+# W&B's own environment variables set these settings too (the command line wins over them, they over config.yaml)
+ENVIRONMENT = {
+    "wandb_mode": "WANDB_MODE",
+    "wandb_project": "WANDB_PROJECT",
+    "wandb_entity": "WANDB_ENTITY",
+    "wandb_group": "WANDB_RUN_GROUP",
+    "wandb_name": "WANDB_NAME",
+    "wandb_run_id": "WANDB_RUN_ID",
+}
 
 
 def server_url():
@@ -68,16 +77,18 @@ def why_not_online(url, timeout_s):
     return None
 
 
-def start(cfg, out_dir, run_id=None, name=None, time_limit_s=INIT_TIMEOUT_S):
-    """Start (or, with the run_id of a checkpoint, continue) this process's W&B run, within about time_limit_s;
-    return its id, or None when W&B is disabled. Its files go to out_dir/wandb, beside the checkpoints, never into
-    the repository or home."""
-    global run, image_every
+def start(cfg, out_dir, checkpoint_run_id, default_name):
+    """Start this process's W&B run (rank 0's), and return it; None when W&B is disabled. It continues the run of
+    the checkpoint (checkpoint_run_id), else the one --wandb_run_id names (a sweep trial's), else it is a new one.
+    (A new branch of a resumed run gets a new W&B run: W&B would drop the steps it logs again below the old run's
+    last, see the README.) Meanwhile the other ranks wait in a collective: W&B gets half of --ddp_timeout_s to
+    start online. Its files go to out_dir/wandb, beside the checkpoints, never into the repository or home."""
     if cfg.wandb_mode == "disabled":
         from_environment = os.environ.get("WANDB_MODE") == "disabled"
         log.info(f"W&B disabled{' (WANDB_MODE=disabled in the environment)' if from_environment else ''}")
         return None
-    image_every = cfg.wandb_image_every
+    run_id, name = checkpoint_run_id or cfg.wandb_run_id, cfg.wandb_name or default_name
+    time_limit_s = cfg.ddp_timeout_s / 2
     os.environ.setdefault("WANDB_DIR", str(out_dir))
     os.environ.setdefault("WANDB_CACHE_DIR", str(common.output_root("wandb", default=Path("runs/wandb")) / "cache"))
     os.environ.setdefault("WANDB_DATA_DIR", str(common.output_root("wandb", default=Path("runs/wandb")) / "data"))
@@ -119,7 +130,7 @@ def start(cfg, out_dir, run_id=None, name=None, time_limit_s=INIT_TIMEOUT_S):
                  f"network: wandb sync {out_dir}/wandb/offline-run-*")  # fmt: skip
     else:
         log.info(f"W&B online: {run.url}")
-    return run.id
+    return run
 
 
 def forget(error):
@@ -133,25 +144,34 @@ def forget(error):
         error = error.__context__
 
 
-def log_metrics(step, metrics, image=None):
+def log_metrics(run, step, metrics, image=None):
     """Metrics (and a CHW image in [0, 1]) at an optimizer step; nothing when there is no run."""
-    global next_image_step
     if run is None:
         return
     import wandb
 
     values = {"trainer/step": step, **metrics}
-    if image is not None and step >= next_image_step:
+    if image is not None:
         values["val/delta_truth_prediction_error"] = wandb.Image(image.permute(1, 2, 0).numpy())
-        next_image_step = step + image_every
     run.log(values)
 
 
-def finish(exit_code=0):
+def image_due(step, image_every, steps_per_validation):
+    """An image at the first validation, then at the first one after every image_every steps. A function of the step
+    alone, so a resumed run keeps the same rhythm."""
+    return (step - 1) // image_every != (step - 1 - steps_per_validation) // image_every
+
+
+def finish(run, exit_code=0):
     """End the run: 0 finished, 3 stopped early to resume later, another code failed."""
-    global run
     if run is not None:
         started = time.perf_counter()
         run.finish(exit_code=exit_code)
         log.info(f"W&B run finished with exit code {exit_code} ({time.perf_counter() - started:.0f} s)")
-        run = None
+
+
+def finish_after_failure():
+    """A run that failed: W&B's current run (wandb.run, if wandb was imported at all) ends with exit code 1."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        finish(wandb.run, 1)

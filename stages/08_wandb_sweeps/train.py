@@ -6,18 +6,16 @@ to sync later), the run continues across requeues, and a W&B sweep runs one tria
     sbatch -A <account> stages/08_wandb_sweeps/submit_sweep_pm.sh <sweep_id>     # one trial of a W&B sweep
 """
 
+import collections
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
-import os
 import signal
 import sys
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find `common` from any working directory
@@ -32,39 +30,7 @@ import tracking
 
 STAGE = Path(__file__).parent.name
 log = logging.getLogger(STAGE)
-RENAMED = {"lr": "base_lr", "batch_size": "global_batch_size"}  # stage 06's names, for the error that names ours
-# W&B's own environment variables set these settings too (the command line wins over them, they over config.yaml)
-WANDB_VARIABLES = {
-    "wandb_mode": "WANDB_MODE",
-    "wandb_project": "WANDB_PROJECT",
-    "wandb_entity": "WANDB_ENTITY",
-    "wandb_group": "WANDB_RUN_GROUP",
-    "wandb_name": "WANDB_NAME",
-    "wandb_run_id": "WANDB_RUN_ID",
-}
-# Settings a resumed run may change. All the others define the run: a checkpoint resumes only with the same.
-# (The loader's settings change how fast batches come, never what is in them: see tests/test_data_loading.py.
-# compile changes how the same arithmetic runs; precision and tf32 change the arithmetic, so they define the run.
-# micro_batch_size changes how many samples are computed at once, not the step: it follows the memory at hand.
-# The W&B settings say where the run is logged, not what it trains.)
-MAY_CHANGE_ON_RESUME = {"config", "data_root", "out_dir", "device", "log_every", "checkpoint_every", "keep_last",
-                        "resume", "signal_at_step", "num_workers", "pin_memory", "persistent_workers",
-                        "prefetch_factor", "compile", "ddp_timeout_s", "micro_batch_size", "wandb_mode",
-                        "wandb_project", "wandb_entity", "wandb_group", "wandb_name", "wandb_run_id",
-                        "wandb_image_every", "trial_file"}  # fmt: skip
-stop_signal = None  # set by the signal handler; the ranks agree to stop at the next step where they agree
-
-
-def request_stop(signum, frame):
-    global stop_signal
-    stop_signal = signal.Signals(signum).name
-    if signum == signal.SIGINT:  # a second Ctrl-C quits at once, without saving
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def run_settings(cfg):
-    """The settings that define this run; they are stored in every checkpoint."""
-    return {key: value for key, value in vars(cfg).items() if key not in MAY_CHANGE_ON_RESUME}
+RENAMED = {"batch_size": "global_batch_size", "lr": "base_lr"}  # earlier stages' names, for the error that names ours
 
 
 @dataclasses.dataclass
@@ -86,24 +52,33 @@ class TrainingState:
     wandb_run_id: str | None = None  # the W&B run that this run logs to
 
 
-def build_training_state(cfg, device, batches_per_epoch, total_steps, dtype):
-    """The model, and the optimizer, learning-rate schedule and loss scaler that train it; and the warmup steps."""
+# What stays the same while the run trains, read-only (a namedtuple): start_run makes it, the steps read it.
+RunSetup = collections.namedtuple(
+    "RunSetup",
+    "cfg out_dir device dtype rank world_size train_set sampler train_loader val_loader batches_per_epoch "
+    "accumulation resumed_from writer wandb_run",
+)
+
+
+def build_training_state(cfg, device, batches_per_epoch, dtype):
+    """The model, and the optimizer, learning-rate schedule and loss scaler that train it."""
     model = common.UNet(cfg.base_channels, cfg.depth).to(device)
     fused = device.type == "cuda"  # one GPU kernel for the whole update instead of several per parameter
     peak_lr = batch_scaling.peak_lr(cfg)  # base_lr, scaled for the global batch
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=cfg.weight_decay, fused=fused)
-    scheduler, warmup_steps = batch_scaling.make_scheduler(optimizer, cfg, batches_per_epoch, total_steps)
-    log.info(f"peak lr {peak_lr:.2e} ({cfg.lr_scaling} rule, base_lr {cfg.base_lr:.2e} at batch "
-             f"{cfg.base_batch_size}), {warmup_steps} warmup steps, then cosine to 0")  # fmt: skip
+    scheduler = batch_scaling.make_scheduler(optimizer, cfg, batches_per_epoch)
     # fp16 only: scale the loss up so that small gradients do not round to zero in 16 bits (a no-op otherwise)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return TrainingState(model, optimizer, scheduler, scaler), warmup_steps
+    log.info(f"{common.count_parameters(model):,} parameters on {common.hardware(device)}; precision "
+             f"{cfg.precision}, tf32 {cfg.tf32}, compile {cfg.compile}, fused AdamW {fused}")  # fmt: skip
+    return TrainingState(model, optimizer, scheduler, scaler)
 
 
-def train_step(state, batches, accumulation, device, dtype):
-    """One optimizer step on this process's share of a batch, in `accumulation` micro-batches; returns the step's
-    loss, a tensor: reading it would wait for the GPU."""
+def train_step(setup, state, batches):
+    """One optimizer step on this process's share of a batch, in micro-batches; returns the step's loss, a tensor:
+    reading it would wait for the GPU."""
     state.optimizer.zero_grad(set_to_none=True)
+    device, dtype, accumulation = setup.device, setup.dtype, setup.accumulation
     loss = torch.zeros((), device=device)
     for micro in range(accumulation):  # backward adds each micro-batch's gradients to the ones before
         delta, phi = next(batches)
@@ -124,50 +99,42 @@ def train_step(state, batches, accumulation, device, dtype):
     return loss
 
 
-def raise_if_diverged(loss, step, lr, data_dir):
+def raise_if_diverged(loss, state, data_dir):
     if not math.isfinite(loss):
         common.check_data_finite(data_dir)  # a NaN in the data is no matter of the learning rate
-        raise common.UserError(f"the loss is {loss} at step {step}: training diverged at lr {lr:.2e}; try a smaller "
-                               "--base_lr, another --lr_scaling, or more --warmup_epochs")  # fmt: skip
+        raise common.UserError(f"the loss is {loss} at step {state.step}: training diverged at lr "
+                               f"{state.scheduler.get_last_lr()[0]:.2e}; try a smaller --base_lr, another "
+                               "--lr_scaling, or more --warmup_epochs")  # fmt: skip
 
 
-def save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, rank):
-    """Every rank calls this (an all-reduce and a barrier); rank 0 saves every state a bit-exact resume needs, and
-    the settings and the data that define the run."""
+def save_checkpoint(setup, state, timer):
+    """Every rank calls this (an all-reduce and a barrier); rank 0 writes the checkpoint."""
     (epoch_loss,) = distributed.all_reduce_mean(state.epoch_loss)  # each rank's sum: an equal share for each
     path = None
-    if rank == 0:
-        path = write_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, epoch_loss)
+    if setup.rank == 0:
+        path = write_checkpoint(setup, state, timer, epoch_loss)
     distributed.barrier()  # no rank exits (and gets rank 0 killed by its launcher) before the file is saved
     return path
 
 
-def write_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, epoch_loss):
-    saved = {
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
-        "scaler": state.scaler.state_dict(),
-        "rng": checkpoints.rng_states(),
-        "epoch": state.epoch,
-        "batch_in_epoch": state.batch_in_epoch,
-        "step": state.step,
-        "epoch_loss": epoch_loss,
-        "best_val_loss": state.best_val_loss,
-        "processes": state.processes,
-        "totals": timer.totals_now(),
-        "settings": run_settings(cfg),
-        "data": data,
-        "threads": torch.get_num_threads(),
-        "wandb_run_id": state.wandb_run_id,
-    }
-    return checkpoints.save_checkpoint(checkpoint_dir, saved, cfg.keep_last, keep=resumed_from)
+def write_checkpoint(setup, state, timer, epoch_loss):
+    """What a bit-exact resume needs: the weights, the optimizer's, schedule's and scaler's states, the random
+    generators', where the run stands; and what defines the run: its settings and its data."""
+    saved = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
+    saved |= {"scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict()}
+    saved |= {"rng": checkpoints.rng_states(), "threads": torch.get_num_threads()}
+    saved |= {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step}
+    saved |= {"epoch_loss": epoch_loss, "best_val_loss": state.best_val_loss, "processes": state.processes}
+    saved |= {"totals": timer.totals_now(), "wandb_run_id": state.wandb_run_id}
+    saved |= {"settings": checkpoints.run_settings(setup.cfg), "data": common.data_identity(setup.train_set.meta)}
+    folder, keep_last = setup.out_dir / "checkpoints", setup.cfg.keep_last
+    return checkpoints.save_checkpoint(folder, saved, keep_last, keep=setup.resumed_from)
 
 
 def resume(state, cfg, out_dir, data, device):
     """Continue from the newest good checkpoint of this run (or the one --resume names), if there is one: load every
     state it holds, the random generators' too. Returns the checkpoint (None for a new run) and its path."""
-    saved, path = checkpoints.load_checkpoint(cfg.resume, out_dir / "checkpoints", run_settings(cfg), data)
+    saved, path = checkpoints.load_checkpoint(cfg.resume, out_dir / "checkpoints", checkpoints.run_settings(cfg), data)
     if saved is None:
         return None, None
     state.model.load_state_dict(saved["model"])
@@ -204,154 +171,139 @@ def validate(model, loader, device, dtype):
 def agree_across_ranks(loss, wait):
     """Every rank calls this, at the same steps (an all-reduce): the loss and the data wait averaged over the ranks,
     and whether any rank was asked to stop. So all stop at the same step, and a NaN on one stops all."""
-    loss, wait, stops = distributed.all_reduce_mean(loss, wait, stop_signal is not None)
+    loss, wait, stops = distributed.all_reduce_mean(loss, wait, checkpoints.stop_signal is not None)
     return loss, wait, stops > 0
 
 
-def log_progress(writer, state, total_steps, loss, timer, wait):
-    """The progress line, and TensorBoard on rank 0 (the others have no writer). wait: the window's data wait."""
+def log_progress(setup, state, loss, timer, wait):
+    """The progress line; TensorBoard and W&B on rank 0 (the others have neither). wait: the window's data wait."""
     samples_per_s, wait, eta = timer.window(state.step, wait)  # wait: now the share of the time spent waiting
-    lr = state.scheduler.get_last_lr()[0]
-    log.info(
-        f"step {state.step}/{total_steps} | epoch {state.epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | "
-        f"{samples_per_s:.0f} samples/s | data wait {wait:.0%} | ETA {eta}"
-    )
+    lr, total_steps = state.scheduler.get_last_lr()[0], setup.cfg.num_epochs * setup.batches_per_epoch
+    log.info(f"step {state.step}/{total_steps} | epoch {state.epoch + 1} | loss {loss:.4f} | lr {lr:.2e} | "
+             f"{samples_per_s:.0f} samples/s | data wait {wait:.0%} | ETA {eta}")  # fmt: skip
     scalars = {"train/loss": loss, "train/lr": lr, "perf/samples_per_s": samples_per_s, "perf/data_wait_share": wait}
-    if writer is None:
+    if setup.writer is None:
         return
     for name, value in scalars.items():
-        writer.add_scalar(name, value, state.step)
-    tracking.log_metrics(state.step, scalars)
+        setup.writer.add_scalar(name, value, state.step)
+    tracking.log_metrics(setup.wandb_run, state.step, scalars)
 
 
-def log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples):
-    log.info(
-        f"epoch {state.epoch + 1}/{cfg.num_epochs} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
-        f"val relative L2 error {val_error:.3f} (baseline {baseline:.3f})"
-    )
-    if writer is None:
+def log_validation(setup, state, train_loss, val_loss, val_error, examples):
+    baseline = setup.train_set.meta["baseline_rel_l2"]
+    log.info(f"epoch {state.epoch + 1}/{setup.cfg.num_epochs} | train loss {train_loss:.4f} | val loss "
+             f"{val_loss:.4f} | val relative L2 error {val_error:.3f} (baseline {baseline:.3f})")  # fmt: skip
+    if setup.writer is None:
         return
     scalars, image = {"val/loss": val_loss, "val/relative_l2": val_error}, common.prediction_panel(*examples)
     for name, value in scalars.items():
-        writer.add_scalar(name, value, state.step)
-    writer.add_image("val/delta_truth_prediction_error", image, state.step)
-    tracking.log_metrics(state.step, scalars, image)
+        setup.writer.add_scalar(name, value, state.step)
+    setup.writer.add_image("val/delta_truth_prediction_error", image, state.step)
+    image_due = tracking.image_due(state.step, setup.cfg.wandb_image_every, setup.batches_per_epoch)
+    tracking.log_metrics(setup.wandb_run, state.step, scalars, image if image_due else None)
 
 
-def save_best(state, cfg, val_loss, checkpoint_dir, rank):
+def save_best(setup, state, val_loss):
     """best.pt: the weights of the lowest validation loss so far, kept apart from the checkpoints (predict.py)."""
     if val_loss >= state.best_val_loss:  # the same on every rank: the mean over all of them
         return
     state.best_val_loss = val_loss
-    best = {"model": state.model.state_dict(), "settings": run_settings(cfg), "step": state.step, "val_loss": val_loss}
-    if rank == 0:
-        checkpoints.save_atomically(best, checkpoint_dir / "best.pt")
+    best = {"model": state.model.state_dict(), "settings": checkpoints.run_settings(setup.cfg), "step": state.step}
+    if setup.rank == 0:
+        checkpoints.save_atomically(best | {"val_loss": val_loss}, setup.out_dir / "checkpoints" / "best.pt")
 
 
-def train(cfg, out_dir, device, dtype, rank, world_size, launcher):
+def start_run(cfg, out_dir, device, dtype, rank, world_size, launcher):
+    """Every rank calls this (collectives): the data, the model resumed from its checkpoint, rank 0's outputs."""
     torch.manual_seed(cfg.seed)
     data_dir = distributed.ensure_data_once(cfg.data_preset, cfg.data_root, rank)
     micro_batch, accumulation = batch_scaling.micro_batches(cfg, world_size)
     loaders = data_loading.make_loaders(cfg, data_dir, device, micro_batch, rank, world_size)
-    train_set, sampler, train_loader, val_loader = loaders
-    baseline = train_set.meta["baseline_rel_l2"]
+    train_set, sampler = loaders[:2]
     batches_per_epoch = len(train_set) // cfg.global_batch_size  # optimizer steps per epoch
-    total_steps = cfg.num_epochs * batches_per_epoch
-    state, warmup_steps = build_training_state(cfg, device, batches_per_epoch, total_steps, dtype)
-    data = common.data_identity(train_set.meta)
-    saved, resumed_from = resume(state, cfg, out_dir, data, device)
+    state = build_training_state(cfg, device, batches_per_epoch, dtype)
+    saved, resumed_from = resume(state, cfg, out_dir, common.data_identity(train_set.meta), device)
     state.processes += 1
-    distributed.check_same_on_every_rank(
-        {**run_settings(cfg), "data set": train_set.meta, "resumed at step": state.step}
-    )
+    distributed.check_same_on_every_rank({**checkpoints.run_settings(cfg), "data": train_set.meta, "step": state.step})
     # DDP starts by sending rank 0's weights to all (the same start everywhere); during backward it averages the
     # gradients over the ranks, bucket by bucket, while backward goes on. (GroupNorm keeps no running statistics:
     # there are no buffers that DDP would have to send at every step, as it must for BatchNorm.)
-    state.ddp_model = DistributedDataParallel(state.model) if launcher else state.model
+    state.ddp_model = torch.nn.parallel.DistributedDataParallel(state.model) if launcher else state.model
     # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
     state.step_model = torch.compile(state.ddp_model) if cfg.compile else state.ddp_model
-    checkpoint_dir, writer = out_dir / "checkpoints", None  # rank 0 alone writes: events, checkpoints, summary
+    writer, wandb_run = None, None  # rank 0 alone writes: events, checkpoints, summary, W&B
     if rank == 0:
-        checkpoint_dir = checkpoints.make_folder(out_dir)
+        checkpoints.make_folder(out_dir)
         branch = checkpoints.set_aside_newer_work(out_dir, resumed_from, state.step)
-        # W&B: the run of the checkpoint continues (its id is stored there), or the sweep trial's, or a new one. A new
-        # branch is a new W&B run: W&B would drop the steps it logs again below the old run's last (see the README).
-        # (Meanwhile the other ranks wait in a collective: W&B gets half of its timeout to start online.)
-        continued = None if branch else state.wandb_run_id
-        state.wandb_run_id = tracking.start(cfg, out_dir, continued or cfg.wandb_run_id, cfg.wandb_name or
-                                            f"{STAGE}-{cfg.config}", time_limit_s=cfg.ddp_timeout_s / 2)  # fmt: skip
+        wandb_run = tracking.start(cfg, out_dir, None if branch else state.wandb_run_id, f"{STAGE}-{cfg.config}")
+        state.wandb_run_id = wandb_run.id if wandb_run else None
         writer = SummaryWriter(out_dir / "tensorboard", purge_step=state.step + 1)  # drop events after the checkpoint
-    signal.signal(signal.SIGUSR1, request_stop)  # Slurm, --signal=B:USR1@<seconds> via submit_pm.sh
-    signal.signal(signal.SIGTERM, request_stop)  # preemption, scancel
-    signal.signal(signal.SIGINT, request_stop)  # Ctrl-C
-    log.info(f"{common.count_parameters(state.model):,} parameters on {common.hardware(device)}; {total_steps} steps")
+    checkpoints.catch_stop_signals()  # from Slurm before the time limit, scancel, Ctrl-C: see checkpoints.py
     log.info(f"{world_size} process(es), launcher {launcher or 'none'}: {sampler.local_batch} samples of each batch "
              f"of {cfg.global_batch_size} per process, in {accumulation} micro-batch(es) of {micro_batch}")  # fmt: skip
-    fused = state.optimizer.defaults["fused"]
-    log.info(f"precision {cfg.precision}, tf32 {cfg.tf32}, compile {cfg.compile}, fused AdamW {fused}")
-    log.info(f"physics baseline (linear solve): relative L2 error {baseline:.3f} on the validation set")
+    log.info(f"physics baseline (linear solve): relative L2 error {train_set.meta['baseline_rel_l2']:.3f}")
+    setup = RunSetup(cfg, out_dir, device, dtype, rank, world_size, *loaders, batches_per_epoch, accumulation,
+                     resumed_from, writer, wandb_run)  # fmt: skip
+    total_steps = cfg.num_epochs * batches_per_epoch
+    timer = common.StepTimer(cfg.global_batch_size, total_steps, log, totals=saved["totals"] if saved else None)
+    return setup, state, timer
+
+
+def train(setup, state, timer):
+    """Every rank calls this (collectives at the same steps): the loop. True: it stopped early, with a checkpoint."""
+    cfg = setup.cfg
     if state.epoch == cfg.num_epochs:
         log.info(f"this run finished already (step {state.step}): pass --resume none to train again from scratch")
-        return common.read_summary(out_dir)
-
-    timer = common.StepTimer(cfg.global_batch_size, total_steps, log, totals=saved["totals"] if saved else None)
+        return False
     for epoch in range(state.epoch, cfg.num_epochs):
         state.epoch = epoch
-        sampler.set_epoch(epoch, state.batch_in_epoch)
-        batches = timer.timed(train_loader)
-        for _ in range(state.batch_in_epoch, batches_per_epoch):
-            if state.step + 1 == cfg.signal_at_step and rank == 0:  # to try it out, during a step: as Slurm would,
-                os.kill(os.getpid(), signal.SIGUSR1)  # but to one process only
-            loss = train_step(state, batches, accumulation, device, dtype)
+        setup.sampler.set_epoch(epoch, state.batch_in_epoch)
+        batches = timer.timed(setup.train_loader)
+        for _ in range(state.batch_in_epoch, setup.batches_per_epoch):
+            if state.step + 1 == cfg.signal_at_step and setup.rank == 0:  # to try it out, during a step: as Slurm
+                signal.raise_signal(signal.SIGUSR1)  # would, but to one process only
+            loss = train_step(setup, state, batches)
             timer.step_done()
-            end_of_epoch = state.batch_in_epoch == batches_per_epoch
+            end_of_epoch = state.batch_in_epoch == setup.batches_per_epoch
             log_now = timer.steps and (state.step % cfg.log_every == 0 or end_of_epoch)
             checkpoint_now = state.step % cfg.checkpoint_every == 0
-            alone_and_asked = stop_signal is not None and launcher is None  # nobody to agree with: stop now
+            alone_and_asked = checkpoints.stop_signal and setup.world_size == 1  # nobody to agree with: stop now
             if not (log_now or checkpoint_now or end_of_epoch or alone_and_asked):
                 continue  # the ranks agree at the same steps (an all-reduce waits for all): only at these
             loss, wait, stop = agree_across_ranks(loss, timer.wait)
-            raise_if_diverged(
-                loss, state.step, state.scheduler.get_last_lr()[0], train_set.path.parent
-            )  # before a checkpoint: never NaN weights
+            raise_if_diverged(loss, state, setup.train_set.path.parent)  # before a checkpoint: never NaN weights
             if log_now:
-                log_progress(writer, state, total_steps, loss, timer, wait)
+                log_progress(setup, state, loss, timer, wait)
             if stop or checkpoint_now:
-                path = save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, rank)
+                path = save_checkpoint(setup, state, timer)
             if stop:
                 advice = checkpoints.how_to_resume(cfg.resume)
-                log.info(f"{stop_signal or 'a stop signal to another process'} received: saved {path} at step "
-                         f"{state.step}; {advice}")  # fmt: skip
-                writer and writer.close()
-                return None
+                asked = checkpoints.stop_signal or "a stop signal to another process"
+                log.info(f"{asked} received: saved {path} at step {state.step}; {advice}")
+                return True
 
-        (epoch_loss,) = distributed.all_reduce_mean(state.epoch_loss)
-        train_loss = epoch_loss / batches_per_epoch
-        val_loss, val_error, examples = validate(state.step_model, val_loader, device, dtype)
-        log_validation(writer, state, cfg, train_loss, val_loss, val_error, baseline, examples)
-        save_best(state, cfg, val_loss, checkpoint_dir, rank)
+        train_loss = distributed.all_reduce_mean(state.epoch_loss)[0] / setup.batches_per_epoch  # over all ranks
+        val_loss, val_error, examples = validate(state.step_model, setup.val_loader, setup.device, setup.dtype)
+        log_validation(setup, state, train_loss, val_loss, val_error, examples)
+        save_best(setup, state, val_loss)
         state.epoch, state.batch_in_epoch, state.epoch_loss = epoch + 1, 0, 0.0
         if state.epoch < cfg.num_epochs:  # the last one is saved after the summary: a finished run has both
-            save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, rank)
+            save_checkpoint(setup, state, timer)
 
-    summary = {}
-    if rank == 0:
-        writer.close()
+    if setup.rank == 0:
         figures = {"final_train_loss": train_loss, "final_val_loss": val_loss, "val_relative_l2": val_error}
-        figures |= {"baseline_relative_l2": baseline, "steps": state.step, "processes": state.processes}
-        figures |= {
-            "micro_batches_per_step": accumulation,
-            "peak_lr": batch_scaling.peak_lr(cfg),
-            "warmup_steps": warmup_steps,
-        }
-        summary = common.write_summary(out_dir, STAGE, cfg, device, **figures, **timer.summary(), world_size=world_size)
-    save_checkpoint(state, timer, cfg, checkpoint_dir, data, resumed_from, rank)
-    return summary
+        figures |= {"baseline_relative_l2": setup.train_set.meta["baseline_rel_l2"], "steps": state.step}
+        figures |= {"processes": state.processes, "world_size": setup.world_size}
+        figures |= {"micro_batches_per_step": setup.accumulation, "peak_lr": batch_scaling.peak_lr(cfg)}
+        figures |= {"warmup_steps": batch_scaling.warmup_steps(cfg, setup.batches_per_epoch)}
+        common.write_summary(setup.out_dir, STAGE, cfg, setup.device, **figures, **timer.summary())
+    save_checkpoint(setup, state, timer)
+    return False
 
 
 def main(argv=None):
     config_file = Path(__file__).with_name("config.yaml")
-    cfg = common.load_config(config_file, argv, renamed=RENAMED, environment=WANDB_VARIABLES)
+    cfg = common.load_config(config_file, argv, renamed=RENAMED, environment=tracking.ENVIRONMENT)
     rank, local_rank, world_size, launcher = distributed.ranks_from_launcher()
     device = distributed.device_for(cfg.device, local_rank)
     distributed.init_process_group(launcher, rank, world_size, device, cfg.ddp_timeout_s)
@@ -359,37 +311,32 @@ def main(argv=None):
     # rank gets them from rank 0, and trains them.
     trial = sweeps.this_trial(cfg, sys.argv[1:] if argv is None else argv, rank)
     if trial:
-        cfg = common.load_config(config_file, trial["arguments"], renamed=RENAMED, environment=WANDB_VARIABLES)
+        cfg = common.load_config(config_file, trial["arguments"], renamed=RENAMED, environment=tracking.ENVIRONMENT)
     tracking.check_names(cfg)  # on every rank: a name W&B would refuse stops them all, before they start
-    if cfg.global_batch_size % world_size:
-        raise common.UserError(f"--global_batch_size {cfg.global_batch_size} is shared by {world_size} processes: "
-                               f"choose a multiple of {world_size}")  # fmt: skip
-    if rank != 0:  # the others only read the run folder (to resume), and print only warnings and errors
-        out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir, create=False)
-        logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s")
-    else:
-        out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir)
-        earlier = checkpoints.set_aside_earlier_run(out_dir) if cfg.resume == "none" else None
-        common.setup_logging(out_dir, STAGE)
-        log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
-        if earlier:
-            log.info(f"--resume none: moved the earlier run's files to {earlier} (delete it when no longer needed)")
+    out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir, create=rank == 0)  # the others only read it (to resume)
+    earlier = checkpoints.set_aside_earlier_run(out_dir) if cfg.resume == "none" and rank == 0 else None
+    common.setup_logging(out_dir, STAGE, rank)  # the other ranks print only warnings and errors
+    log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
+    if earlier:
+        log.info(f"--resume none: moved the earlier run's files to {earlier} (delete it when you no longer need it)")
     if cfg.deterministic:
         checkpoints.make_deterministic()
     dtype = speedups.choose_precision(cfg, device)
-    summary = train(cfg, out_dir, device, dtype, rank, world_size, launcher)
-    code = 3 if summary is None else 0  # 3, not 0: the run stopped early, with a checkpoint to resume from
+    setup, state, timer = start_run(cfg, out_dir, device, dtype, rank, world_size, launcher)
+    stopped_early = train(setup, state, timer)
+    code = 3 if stopped_early else 0  # 3, not 0: the run stopped early, with a checkpoint to resume from
     if rank == 0:
-        tracking.finish(code)
+        setup.writer.close()
+        tracking.finish(setup.wandb_run, code)
         sweeps.record_exit_code(cfg, code)
     distributed.destroy_process_group()
-    if code:
+    if stopped_early:
         sys.exit(code)
     if rank == 0:
-        common.log_done(log, summary, out_dir)
+        common.log_done(log, common.read_summary(out_dir), out_dir)
 
 
 if __name__ == "__main__":
     known_failures = [data_loading.known_failure, speedups.compile_failure, distributed.known_failure]
-    cleanup = [data_loading.end_workers, functools.partial(tracking.finish, 1)]  # a failed run: W&B's exit code 1
+    cleanup = [data_loading.end_workers, tracking.finish_after_failure]  # a failed run: W&B's exit code 1
     common.run_main(main, distributed.ranks_from_launcher()[0], known_failures, cleanup)
