@@ -23,8 +23,8 @@ SPY = REPO / "tests" / "spy_run.py"  # runs a train.py and records what only the
 
 
 def setting(stage, name):
-    """A setting's name in a stage: from stage 07 on, the batch is `global_batch_size` and the learning rate
-    `base_lr` (the rate at `base_batch_size`, which the stage scales for the global batch)."""
+    """A setting's name in a stage: from stage 06 on, the batch is `global_batch_size` (the processes share it);
+    from stage 07 on, the learning rate is `base_lr` (the rate at `base_batch_size`, scaled for the global batch)."""
     keys = yaml.safe_load((stage / "config.yaml").read_text())["default"]
     return name if name in keys else {"batch_size": "global_batch_size", "lr": "base_lr"}[name]
 

@@ -135,11 +135,11 @@ def test_one_process_without_a_launcher_trains_as_stage_05_bit_for_bit(uninterru
 def test_a_global_batch_that_does_not_divide_is_refused(tmp_path, tiny_data):
     """Checked before any process group exists: rank 0 of 2, as torchrun would start it, stops at once."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    result = run_python(STAGE / "train.py", "--config", "test", "--batch_size", "33", "--data_root", tiny_data,
+    result = run_python(STAGE / "train.py", "--config", "test", "--global_batch_size", "33", "--data_root", tiny_data,
                         "--out_dir", tmp_path / "run", cwd=tmp_path, env=env)  # fmt: skip
     assert result.returncode != 0 and "Traceback" not in result.stderr, output_of(result)
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: --batch_size 33 is the global batch, shared by 2 processes: choose a multiple of 2"
+        "error: --global_batch_size 33 is shared by 2 processes: choose a multiple of 2"
     ), output_of(result)
 
 

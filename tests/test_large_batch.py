@@ -43,7 +43,8 @@ def test_the_learning_rate_at_key_steps_is_the_formula(rule, global_batch):
     steps_per_epoch = 8192 // global_batch
     total = 4 * steps_per_epoch
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=module.peak_lr(cfg))
-    scheduler, warmup = module.make_scheduler(optimizer, cfg, steps_per_epoch, total)
+    scheduler = module.make_scheduler(optimizer, cfg, steps_per_epoch)
+    warmup = module.warmup_steps(cfg, steps_per_epoch)
     assert warmup == (steps_per_epoch if global_batch > 64 else 0)
     learning_rates = []
     for _ in range(total + 1):

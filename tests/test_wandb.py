@@ -207,9 +207,9 @@ def test_a_name_w_and_b_refuses_is_one_line_before_training(option, value, messa
 def test_w_and_b_variables_set_the_settings_below_the_command_line(tmp_path, tiny_data, monkeypatch):
     """WANDB_MODE, WANDB_PROJECT, ... as W&B documents them: they win over config.yaml, the command line over them.
     WANDB_MODE=disabled was ignored: an offline run was written (and with a key it went online)."""
-    train_module = stage_module(STAGE)
+    train_module, tracking = stage_module(STAGE), stage_module(STAGE, "tracking")
     load = functools.partial(common.load_config, STAGE / "config.yaml", renamed=train_module.RENAMED,
-                             environment=train_module.WANDB_VARIABLES)  # fmt: skip
+                             environment=tracking.ENVIRONMENT)  # fmt: skip
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("WANDB_PROJECT", "their-project")
     cfg = load(["--config", "quick"])

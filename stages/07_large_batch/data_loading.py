@@ -73,14 +73,19 @@ def start_worker(parent_pid, worker_id):
         os._exit(1)
 
 
+def check_global_batch(cfg, world_size):
+    """The processes share each batch: each takes global_batch_size / world_size samples of it."""
+    if cfg.global_batch_size % world_size:
+        raise common.UserError(f"--global_batch_size {cfg.global_batch_size} is shared by {world_size} processes: "
+                               f"choose a multiple of {world_size}")  # fmt: skip
+
+
 def make_loaders(cfg, data_dir, device, micro_batch, rank=0, world_size=1):
     """The training loader is made once: its worker processes live as long as the run (persistent_workers).
     Each rank loads its share of every batch, one micro-batch at a time, and validates every world_size-th sample."""
     train_set = common.FieldDataset(data_dir, "train", augment=True, seed=cfg.seed)
     val_set = common.FieldDataset(data_dir, "val")
-    if cfg.global_batch_size % world_size:
-        raise common.UserError(f"--global_batch_size {cfg.global_batch_size} is shared by {world_size} processes: "
-                               f"choose a multiple of {world_size}")  # fmt: skip
+    check_global_batch(cfg, world_size)
     if len(train_set) < cfg.global_batch_size:
         raise common.UserError(f"--global_batch_size {cfg.global_batch_size} exceeds the {len(train_set)} training "
                                f"samples of preset {cfg.data_preset!r}: choose a smaller one")  # fmt: skip

@@ -296,6 +296,7 @@ def train(setup, state, timer):
 def main(argv=None):
     cfg = common.load_config(Path(__file__).with_name("config.yaml"), argv, renamed=RENAMED)
     rank, local_rank, world_size, launcher = distributed.ranks_from_launcher()
+    data_loading.check_global_batch(cfg, world_size)  # before any process waits for another
     device = distributed.device_for(cfg.device, local_rank)
     distributed.init_process_group(launcher, rank, world_size, device, cfg.ddp_timeout_s)
     out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir, create=rank == 0)  # the others only read it (to resume)

@@ -305,6 +305,7 @@ def main(argv=None):
     config_file = Path(__file__).with_name("config.yaml")
     cfg = common.load_config(config_file, argv, renamed=RENAMED, environment=tracking.ENVIRONMENT)
     rank, local_rank, world_size, launcher = distributed.ranks_from_launcher()
+    data_loading.check_global_batch(cfg, world_size)  # before any process waits for another
     device = distributed.device_for(cfg.device, local_rank)
     distributed.init_process_group(launcher, rank, world_size, device, cfg.ddp_timeout_s)
     # A sweep trial's settings reach rank 0 (from the W&B agent, or from its trial file after a requeue); every
@@ -323,14 +324,13 @@ def main(argv=None):
         checkpoints.make_deterministic()
     dtype = speedups.choose_precision(cfg, device)
     setup, state, timer = start_run(cfg, out_dir, device, dtype, rank, world_size, launcher)
-    stopped_early = train(setup, state, timer)
-    code = 3 if stopped_early else 0  # 3, not 0: the run stopped early, with a checkpoint to resume from
+    code = 3 if train(setup, state, timer) else 0  # 3, not 0: the run stopped early, with a checkpoint to resume from
     if rank == 0:
         setup.writer.close()
         tracking.finish(setup.wandb_run, code)
         sweeps.record_exit_code(cfg, code)
     distributed.destroy_process_group()
-    if stopped_early:
+    if code:
         sys.exit(code)
     if rank == 0:
         common.log_done(log, common.read_summary(out_dir), out_dir)
