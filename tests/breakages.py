@@ -130,7 +130,7 @@ BREAKAGES = [
     Breakage("sqrt-rule-scales-linearly", f"{S07}/batch_scaling.py", '"sqrt": math.sqrt(k)', '"sqrt": k',
              ["tests/test_large_batch.py::test_the_learning_rate_at_key_steps_is_the_formula"], "sqrt"),
     Breakage("w-and-b-resume-starts-a-new-run", f"{S08}/train.py",
-             "continued = None if branch else state.wandb_run_id", "continued = None",
+             'continued = None if branch or saved is None else saved["wandb_run_id"]', "continued = None",
              ["tests/test_wandb.py::test_a_run_resumed_offline_is_a_second_piece_of_the_same_run"], "assert"),
     Breakage("mislabelled-data-accepted", "stages/common/data.py", "    if described != expected:",
              "    if False:", [f"{CHECKPOINT}::test_data_of_another_preset_or_other_data_are_refused"

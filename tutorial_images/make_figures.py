@@ -107,7 +107,8 @@ def lr_schedules(stage_dir, configs, path):
         steps_per_epoch = common.PRESETS[cfg.data_preset]["n_train"] // cfg.global_batch_size
         total = cfg.num_epochs * steps_per_epoch
         optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=batch_scaling.peak_lr(cfg))
-        scheduler, warmup = batch_scaling.make_scheduler(optimizer, cfg, steps_per_epoch, total)
+        scheduler = batch_scaling.make_scheduler(optimizer, cfg, steps_per_epoch)
+        warmup = batch_scaling.warmup_steps(cfg, steps_per_epoch)
         rates = []
         for _ in range(total):
             rates.append(optimizer.param_groups[0]["lr"])

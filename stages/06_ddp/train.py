@@ -204,9 +204,9 @@ def start_run(cfg, out_dir, device, dtype, rank, world_size, launcher):
     # DDP starts by sending rank 0's weights to all (the same start everywhere); during backward it averages the
     # gradients over the ranks, bucket by bucket, while backward goes on. (GroupNorm keeps no running statistics:
     # there are no buffers that DDP would have to send at every step, as it must for BatchNorm.)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(state.model) if launcher else state.model
+    model = torch.nn.parallel.DistributedDataParallel(state.model) if launcher else state.model
     # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
-    state.step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
+    state.step_model = torch.compile(model) if cfg.compile else model
     writer = None  # rank 0 alone writes: events, checkpoints, summary
     if rank == 0:
         checkpoints.make_folder(out_dir)
@@ -280,7 +280,7 @@ def main(argv=None):
     distributed.init_process_group(launcher, rank, world_size, device, cfg.ddp_timeout_s)
     out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir, create=rank == 0)  # the others only read it (to resume)
     earlier = checkpoints.set_aside_earlier_run(out_dir) if cfg.resume == "none" and rank == 0 else None
-    common.setup_logging(out_dir, STAGE, rank)  # the other ranks print only warnings and errors
+    distributed.setup_logging(out_dir, STAGE, rank)  # the other ranks print only warnings and errors
     log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
     if earlier:
         log.info(f"--resume none: moved the earlier run's files to {earlier} (delete it when you no longer need it)")

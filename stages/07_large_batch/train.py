@@ -40,7 +40,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    ddp_model: torch.nn.Module | None = None  # the model in DDP (or the model, in one process): its no_sync
+    ddp_model: torch.nn.Module | None = None  # the model in DDP, for its no_sync (None: one process alone)
     step_model: torch.nn.Module | None = None  # what a step calls, set once the checkpoint is loaded
     epoch: int = 0
     batch_in_epoch: int = 0  # the batches of this epoch trained so far
@@ -82,7 +82,7 @@ def train_step(setup, state, batches):
         delta, phi = next(batches)
         delta, phi = delta.to(device, non_blocking=True), phi.to(device, non_blocking=True)  # overlaps with compute
         # DDP averages the gradients over the ranks in every backward; once per step is enough: the last one
-        sync = micro == accumulation - 1 or state.ddp_model is state.model
+        sync = micro == accumulation - 1 or state.ddp_model is None
         with contextlib.nullcontext() if sync else state.ddp_model.no_sync():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # 16-bit where it is safe
                 micro_loss = torch.nn.functional.mse_loss(state.step_model(delta).float(), phi) / accumulation
@@ -222,9 +222,10 @@ def start_run(cfg, out_dir, device, dtype, rank, world_size, launcher):
     # DDP starts by sending rank 0's weights to all (the same start everywhere); during backward it averages the
     # gradients over the ranks, bucket by bucket, while backward goes on. (GroupNorm keeps no running statistics:
     # there are no buffers that DDP would have to send at every step, as it must for BatchNorm.)
-    state.ddp_model = torch.nn.parallel.DistributedDataParallel(state.model) if launcher else state.model
+    state.ddp_model = torch.nn.parallel.DistributedDataParallel(state.model) if launcher else None
+    model = state.ddp_model or state.model
     # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
-    state.step_model = torch.compile(state.ddp_model) if cfg.compile else state.ddp_model
+    state.step_model = torch.compile(model) if cfg.compile else model
     writer = None  # rank 0 alone writes: events, checkpoints, summary
     if rank == 0:
         checkpoints.make_folder(out_dir)
@@ -301,7 +302,7 @@ def main(argv=None):
     distributed.init_process_group(launcher, rank, world_size, device, cfg.ddp_timeout_s)
     out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir, create=rank == 0)  # the others only read it (to resume)
     earlier = checkpoints.set_aside_earlier_run(out_dir) if cfg.resume == "none" and rank == 0 else None
-    common.setup_logging(out_dir, STAGE, rank)  # the other ranks print only warnings and errors
+    distributed.setup_logging(out_dir, STAGE, rank)  # the other ranks print only warnings and errors
     log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
     if earlier:
         log.info(f"--resume none: moved the earlier run's files to {earlier} (delete it when you no longer need it)")

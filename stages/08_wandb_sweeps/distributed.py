@@ -106,6 +106,15 @@ def cpu_ranges(cpus):
     return ",".join(f"{first}-{last}" if last > first else f"{first}" for first, last in ranges) or "?"
 
 
+def setup_logging(out_dir, stage, rank):
+    """Rank 0 logs to the terminal and to out_dir/train.log; the other ranks print only warnings and errors, each
+    line naming its rank, and write no file."""
+    if rank == 0:
+        common.setup_logging(out_dir, stage)
+    else:
+        logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s", force=True)
+
+
 def init_process_group(launcher, rank, world_size, device, timeout_s):
     """Every rank calls this: join the process group (NCCL between GPUs, gloo between CPU processes). A collective
     that waits longer than timeout_s for a rank (one that died or hangs) fails, and the job ends instead of waiting

@@ -41,7 +41,7 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    ddp_model: torch.nn.Module | None = None  # the model in DDP (or the model, in one process): its no_sync
+    ddp_model: torch.nn.Module | None = None  # the model in DDP, for its no_sync (None: one process alone)
     step_model: torch.nn.Module | None = None  # what a step calls, set once the checkpoint is loaded
     epoch: int = 0
     batch_in_epoch: int = 0  # the batches of this epoch trained so far
@@ -49,7 +49,6 @@ class TrainingState:
     epoch_loss: float = 0.0  # the sum of this epoch's batch losses so far
     best_val_loss: float = math.inf
     processes: int = 0  # the processes that trained this run: one more at each resume
-    wandb_run_id: str | None = None  # the W&B run that this run logs to
 
 
 # What stays the same while the run trains, read-only (a namedtuple): start_run makes it, the steps read it.
@@ -84,7 +83,7 @@ def train_step(setup, state, batches):
         delta, phi = next(batches)
         delta, phi = delta.to(device, non_blocking=True), phi.to(device, non_blocking=True)  # overlaps with compute
         # DDP averages the gradients over the ranks in every backward; once per step is enough: the last one
-        sync = micro == accumulation - 1 or state.ddp_model is state.model
+        sync = micro == accumulation - 1 or state.ddp_model is None
         with contextlib.nullcontext() if sync else state.ddp_model.no_sync():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):  # 16-bit where it is safe
                 micro_loss = torch.nn.functional.mse_loss(state.step_model(delta).float(), phi) / accumulation
@@ -125,7 +124,7 @@ def write_checkpoint(setup, state, timer, epoch_loss):
     saved |= {"rng": checkpoints.rng_states(), "threads": torch.get_num_threads()}
     saved |= {"epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step}
     saved |= {"epoch_loss": epoch_loss, "best_val_loss": state.best_val_loss, "processes": state.processes}
-    saved |= {"totals": timer.totals_now(), "wandb_run_id": state.wandb_run_id}
+    saved |= {"totals": timer.totals_now(), "wandb_run_id": setup.wandb_run and setup.wandb_run.id}
     saved |= {"settings": checkpoints.run_settings(setup.cfg), "data": common.data_identity(setup.train_set.meta)}
     folder, keep_last = setup.out_dir / "checkpoints", setup.cfg.keep_last
     return checkpoints.save_checkpoint(folder, saved, keep_last, keep=setup.resumed_from)
@@ -144,7 +143,7 @@ def resume(state, cfg, out_dir, data, device):
     checkpoints.set_rng_states(saved["rng"])
     state.epoch, state.batch_in_epoch, state.step = saved["epoch"], saved["batch_in_epoch"], saved["step"]
     state.epoch_loss, state.best_val_loss = saved["epoch_loss"], saved["best_val_loss"]
-    state.processes, state.wandb_run_id = saved["processes"], saved["wandb_run_id"]
+    state.processes = saved["processes"]
     if device.type == "cpu" and saved["threads"] != torch.get_num_threads():  # see the README: bit-exact resume
         log.warning(f"{torch.get_num_threads()} CPU threads now, {saved['threads']} before: results may differ")
     return saved, path
@@ -228,15 +227,16 @@ def start_run(cfg, out_dir, device, dtype, rank, world_size, launcher):
     # DDP starts by sending rank 0's weights to all (the same start everywhere); during backward it averages the
     # gradients over the ranks, bucket by bucket, while backward goes on. (GroupNorm keeps no running statistics:
     # there are no buffers that DDP would have to send at every step, as it must for BatchNorm.)
-    state.ddp_model = torch.nn.parallel.DistributedDataParallel(state.model) if launcher else state.model
+    state.ddp_model = torch.nn.parallel.DistributedDataParallel(state.model) if launcher else None
+    model = state.ddp_model or state.model
     # The compiled model shares model's weights; checkpoints save model, so they load with or without compile.
-    state.step_model = torch.compile(state.ddp_model) if cfg.compile else state.ddp_model
+    state.step_model = torch.compile(model) if cfg.compile else model
     writer, wandb_run = None, None  # rank 0 alone writes: events, checkpoints, summary, W&B
     if rank == 0:
         checkpoints.make_folder(out_dir)
         branch = checkpoints.set_aside_newer_work(out_dir, resumed_from, state.step)
-        wandb_run = tracking.start(cfg, out_dir, None if branch else state.wandb_run_id, f"{STAGE}-{cfg.config}")
-        state.wandb_run_id = wandb_run.id if wandb_run else None
+        continued = None if branch or saved is None else saved["wandb_run_id"]  # the W&B run of the checkpoint
+        wandb_run = tracking.start(cfg, out_dir, continued, f"{STAGE}-{cfg.config}")
         writer = SummaryWriter(out_dir / "tensorboard", purge_step=state.step + 1)  # drop events after the checkpoint
     checkpoints.catch_stop_signals()  # from Slurm before the time limit, scancel, Ctrl-C: see checkpoints.py
     log.info(f"{world_size} process(es), launcher {launcher or 'none'}: {sampler.local_batch} samples of each batch "
@@ -316,7 +316,7 @@ def main(argv=None):
     tracking.check_names(cfg)  # on every rank: a name W&B would refuse stops them all, before they start
     out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir, create=rank == 0)  # the others only read it (to resume)
     earlier = checkpoints.set_aside_earlier_run(out_dir) if cfg.resume == "none" and rank == 0 else None
-    common.setup_logging(out_dir, STAGE, rank)  # the other ranks print only warnings and errors
+    distributed.setup_logging(out_dir, STAGE, rank)  # the other ranks print only warnings and errors
     log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
     if earlier:
         log.info(f"--resume none: moved the earlier run's files to {earlier} (delete it when you no longer need it)")

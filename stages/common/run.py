@@ -284,12 +284,8 @@ def hardware(device):
     return f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'' if threads == 1 else 's'})"
 
 
-def setup_logging(out_dir, name, rank=0):
-    """Log lines to the terminal and to out_dir/train.log (appended). The other ranks of a distributed run (stage 06
-    on) print only warnings and errors, each line naming its rank, and write no file."""
-    if rank != 0:
-        logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(message)s", force=True)
-        return logging.getLogger(name)
+def setup_logging(out_dir, name):
+    """Log lines to the terminal and to out_dir/train.log (appended)."""
     formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(Path(out_dir) / "train.log")]
     for handler in handlers:
