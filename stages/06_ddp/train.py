@@ -235,8 +235,8 @@ def train(setup, state, timer):
             delta, phi = delta.to(setup.device, non_blocking=True), phi.to(setup.device, non_blocking=True)
             loss = train_step(state, delta, phi, setup.dtype)
             timer.step_done()
-            if state.step == cfg.signal_at_step and setup.rank == 0:  # to try it out: as Slurm would, but to one
-                signal.raise_signal(signal.SIGUSR1)  # process only
+            if state.step == cfg.signal_at_step and setup.rank == 0:
+                signal.raise_signal(signal.SIGUSR1)  # to try it out: the signal Slurm sends, to one rank only
             end_of_epoch = state.batch_in_epoch == setup.batches_per_epoch
             log_now = timer.steps and (state.step % cfg.log_every == 0 or end_of_epoch)
             checkpoint_now = state.step % cfg.checkpoint_every == 0

@@ -260,8 +260,8 @@ def train(setup, state, timer):
         setup.sampler.set_epoch(epoch, state.batch_in_epoch)
         batches = timer.timed(setup.train_loader)
         for _ in range(state.batch_in_epoch, setup.batches_per_epoch):
-            if state.step + 1 == cfg.signal_at_step and setup.rank == 0:  # to try it out, during a step: as Slurm
-                signal.raise_signal(signal.SIGUSR1)  # would, but to one process only
+            if state.step + 1 == cfg.signal_at_step and setup.rank == 0:
+                signal.raise_signal(signal.SIGUSR1)  # to try it out: Slurm's signal, to one rank only, during a step
             loss = train_step(setup, state, batches)
             timer.step_done()
             end_of_epoch = state.batch_in_epoch == setup.batches_per_epoch
