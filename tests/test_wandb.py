@@ -60,6 +60,17 @@ def test_offline_run_holds_the_metrics_and_only_rank_0_writes(tmp_path, tiny_dat
     assert run["name"] == "08_wandb_sweeps-test" and run["config"]["base_lr"] == 0.002, run
 
 
+def test_the_prediction_image_follows_the_step():
+    """An image at the run's first validation, then at the first validation after every wandb_image_every steps,
+    whatever the process that logs it (a resumed run keeps the rhythm). The offline run above cannot tell: its
+    images are due at every validation."""
+    tracking = stage_module(STAGE, "tracking")
+    validations = range(16, 1601, 16)  # 16 steps per epoch, an image every 500 steps
+    assert [step for step in validations if tracking.image_due(step, 500, 16)] == [16, 512, 1008, 1504]
+    validations = range(40, 201, 40)  # 40 steps per epoch, an image every 16: due at every validation
+    assert all(tracking.image_due(step, 16, 40) for step in validations)
+
+
 def test_a_run_resumed_offline_is_a_second_piece_of_the_same_run(tmp_path, tiny_data):
     """W&B cannot resume an offline run: the resumed one is a second offline piece with the same run id (from the
     checkpoint), whose history starts after the checkpoint; `wandb sync` uploads both."""

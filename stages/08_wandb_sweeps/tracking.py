@@ -157,8 +157,8 @@ def log_metrics(run, step, metrics, image=None):
 
 
 def image_due(step, image_every, steps_per_validation):
-    """An image at the first validation, then at the first one after every image_every steps. A function of the step
-    alone, so a resumed run keeps the same rhythm."""
+    """An image at the run's first validation, then at the first one after every image_every steps: a function of
+    the step alone, so a resumed run keeps the same rhythm."""
     return (step - 1) // image_every != (step - 1 - steps_per_validation) // image_every
 
 
