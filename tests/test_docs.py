@@ -25,7 +25,8 @@ IDS = [str(p.relative_to(REPO)) for p in MARKDOWN]
 TOP_LEVEL = ("stages/", "data/", "slurm/", "notebooks/", "example_logs/", "tutorial_images/", "docker/", "tests/",
              ".ci/", "requirements")  # fmt: skip
 GENERATED = ("data/generated", "runs/")  # made by running things, git-ignored
-CLUSTER_COMMANDS = {"sbatch", "salloc", "squeue", "scancel", "module", "podman-hpc", "shifterimg", "srun"}
+CLUSTER_COMMANDS = {"sbatch", "salloc", "squeue", "scancel", "sacct", "sacctmgr", "module", "podman-hpc", "shifterimg",
+                    "srun"}  # fmt: skip
 
 
 def code_blocks(text, language="bash"):
@@ -137,6 +138,25 @@ def test_readme_diff_matches_the_files(stage):
     shown = readme_sync.between(text, readme_sync.DIFF_START, readme_sync.DIFF_END)
     assert shown is not None, f"{stage.name}/README.md has no diff markers"
     assert shown == readme_sync.diff_block(stage), "stale diff: run python tests/readme_sync.py --write"
+
+
+@pytest.mark.parametrize("stage", STAGES[1:], ids=[s.name for s in STAGES[1:]])
+def test_the_whole_diff_is_folded_after_the_explanation_and_the_key_lines_are_its_own(stage):
+    """A learner reads the concept, the Slurm part and a few dozen key lines; the whole generated diff is folded
+    (<details>). Every line of the key-lines blocks (```diff, outside the generated one) is a line of the diff, but
+    a file's name (`# train.py`) and `...` between excerpts."""
+    text = (stage / "README.md").read_text()
+    start, end = text.index(readme_sync.DIFF_START), text.index(readme_sync.DIFF_END)
+    assert text.rfind("<details>", 0, start) > text.rfind("</details>", 0, start), "the whole diff is folded"
+    assert text.find("</details>", end) > 0 and "## " not in text[end : text.find("</details>", end)]
+    what_changed = text.index("## What changed")
+    assert "## Slurm" not in text[what_changed:], "the Slurm part comes before the diff"
+    diff_lines = set(readme_sync.expected_diff(stage).splitlines())
+    blocks = code_blocks(text[:start] + text[end:], "diff")
+    key_lines = [line for block in blocks for line in block.splitlines() if line != "..." and line[:2] != "# "]
+    assert 10 <= len(key_lines) <= 45, f"{len(key_lines)} key lines: a few dozen"
+    for line in key_lines:
+        assert line in diff_lines, f"{stage.name}/README.md shows a key line that is not in the diff: {line}"
 
 
 @pytest.mark.parametrize("markdown", MARKDOWN, ids=IDS)

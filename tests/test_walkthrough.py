@@ -37,6 +37,7 @@ def test_walkthrough_submits_stage_06_and_watches_it_finish(local_slurm, tmp_pat
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()  # fmt: skip
     text = outputs(notebook)
     assert "inside Slurm job 4242" in text and "submitted job" in text and "COMPLETED" in text, text
+    assert "--qos=debug --time=00:10:00 stages/06_ddp/submit_pm.sh" in text, "a QOS and a limit fit for a short try"
     assert "06_ddp on CPU" in text and "4 processes" in text, text
     assert "done in" in text, "the watch cell shows the end of the job's log"
     [log] = (tmp_path / REPO.name / "slurm_logs").glob("slurm-06_ddp-*.out")

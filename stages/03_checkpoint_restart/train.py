@@ -1,8 +1,8 @@
 """Stage 03: checkpoint-restart. Save everything a bit-exact resume needs; survive the Slurm time limit.
 
-Run it, then stop it at a step as Slurm would and resume:
-    python stages/03_checkpoint_restart/train.py --config quick                   # resumes if it can
-    python stages/03_checkpoint_restart/train.py --config quick --signal_at_step 100  # stop there, as Slurm would
+Stop it at a step as Slurm would, then run it again to resume (a run folder holds one run: see the README):
+    python stages/03_checkpoint_restart/train.py --config quick --signal_at_step 20  # stops at step 20, exit code 3
+    python stages/03_checkpoint_restart/train.py --config quick                      # resumes from step 20
 """
 
 import collections
@@ -192,7 +192,7 @@ def train(setup, state, timer):
     """The loop over epochs and steps. Returns True if it stopped early, with a checkpoint to resume from."""
     cfg = setup.cfg
     if state.epoch == cfg.num_epochs:
-        log.info(f"this run finished already (step {state.step}): pass --resume none to train again from scratch")
+        log.info(f"finished already at step {state.step}: the figures below are that run's; --resume none trains again")
         return False
     for epoch in range(state.epoch, cfg.num_epochs):
         state.epoch = epoch

@@ -1,7 +1,7 @@
 """Stage 04: data loading. Worker processes prepare the next batches while the accelerator trains on this one.
 
 python stages/04_data_loading/train.py --config quick                  # workers: one per CPU, at most 8
-python stages/04_data_loading/train.py --config quick --num_workers 0  # everything in this process
+python stages/04_data_loading/train.py --config quick --num_workers 0 --out_dir runs/quick-0  # all in this process
 """
 
 import collections
@@ -173,7 +173,7 @@ def train(setup, state, timer):
     """The loop over epochs and steps. Returns True if it stopped early, with a checkpoint to resume from."""
     cfg = setup.cfg
     if state.epoch == cfg.num_epochs:
-        log.info(f"this run finished already (step {state.step}): pass --resume none to train again from scratch")
+        log.info(f"finished already at step {state.step}: the figures below are that run's; --resume none trains again")
         return False
     for epoch in range(state.epoch, cfg.num_epochs):
         state.epoch = epoch

@@ -187,7 +187,7 @@ def train(setup, state, timer):
     """The loop over epochs and steps. Returns True if it stopped early, with a checkpoint to resume from."""
     cfg = setup.cfg
     if state.epoch == cfg.num_epochs:
-        log.info(f"this run finished already (step {state.step}): pass --resume none to train again from scratch")
+        log.info(f"finished already at step {state.step}: the figures below are that run's; --resume none trains again")
         return False
     for epoch in range(state.epoch, cfg.num_epochs):
         state.epoch = epoch

@@ -3,7 +3,7 @@ averages their gradients, so all of them take the same step.
 
     torchrun --standalone --nproc_per_node 2 stages/06_ddp/train.py --config quick   # 2 processes, CPU or GPUs
     sbatch -A <account> stages/06_ddp/submit_pm.sh                                    # 4 GPUs of a Perlmutter node
-    python stages/06_ddp/train.py --config quick                                      # one process, as stage 05
+    python stages/06_ddp/train.py --config quick --out_dir runs/quick-1-process       # one process, as stage 05
 """
 
 import collections
@@ -226,7 +226,7 @@ def train(setup, state, timer):
     """Every rank calls this (collectives at the same steps): the loop. True: it stopped early, with a checkpoint."""
     cfg = setup.cfg
     if state.epoch == cfg.num_epochs:
-        log.info(f"this run finished already (step {state.step}): pass --resume none to train again from scratch")
+        log.info(f"finished already at step {state.step}: the figures below are that run's; --resume none trains again")
         return False
     for epoch in range(state.epoch, cfg.num_epochs):
         state.epoch = epoch

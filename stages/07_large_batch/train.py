@@ -246,7 +246,7 @@ def train(setup, state, timer):
     """Every rank calls this (collectives at the same steps): the loop. True: it stopped early, with a checkpoint."""
     cfg = setup.cfg
     if state.epoch == cfg.num_epochs:
-        log.info(f"this run finished already (step {state.step}): pass --resume none to train again from scratch")
+        log.info(f"finished already at step {state.step}: the figures below are that run's; --resume none trains again")
         return False
     for epoch in range(state.epoch, cfg.num_epochs):
         state.epoch = epoch
