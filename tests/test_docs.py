@@ -291,3 +291,15 @@ def test_the_walkthrough_follows_nersc_on_where_to_submit_from_and_states_measur
     assert "`full` (the GPU runs) about 150 s" in text and "150 s to generate" in (REPO / "data/README.md").read_text()
 
 
+
+
+def test_the_study_command_and_duration_the_readme_states_are_the_reference_study_s():
+    """Stage 07's README gives the study's command as the reference study ran it, and its duration, read from the
+    five runs' summaries."""
+    folder = REPO / "example_logs" / "07_large_batch-study-small-cpu"
+    total = sum(common.read_summary(run)["wall_time_s"] for run in folder.iterdir() if (run / "summary.json").exists())
+    text = (REPO / "stages" / "07_large_batch" / "README.md").read_text()
+    assert f"(about {round(total / 600) * 10} minutes on a 2-core CPU: its five runs\ntook {total:.0f} s" in text
+    command = (folder / "COMMAND").read_text().split()
+    del command[command.index("--out_dir") : command.index("--out_dir") + 2]
+    assert f"```bash\n{' '.join(command)}   #" in text, "the command as the reference study ran it"

@@ -59,7 +59,7 @@ EXPECTED = {
         (0, ["precision bf16"], "05_amp/quick-bf16"),
     ],
     "06_ddp": [
-        (0, ["rank 0 of 2: after all_reduce I hold 3", "rank 1 of 2: after all_reduce I hold 3"], None),
+        (0, ["rank 0 of 2: I hold 1", "rank 1 of 2: I hold 2", "rank 0 of 2: after all_reduce I hold 3"], None),
         (0, ["2 process(es), launcher torchrun"], "06_ddp/quick"),
         (0, ["1 process(es)"], "06_ddp/quick-1-process"),
     ],

@@ -248,7 +248,7 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
            "FAKE_RUN_ID": "trial42", "FAKE_TRIAL_ARGUMENTS": trial_arguments, "WANDB_PROJECT": "my-default-project",
            "WANDB_ENTITY": "my-default-entity"}  # fmt: skip
     sweeps = stage_module(NEWEST, "sweeps")
-    name = sweeps.trial_name(trial_arguments.split())  # num_epochs4_lr1e-3_gbs64
+    name = sweeps.trial_name(trial_arguments.split())  # test_num_epochs4_lr1e-3_gbs64
     trial_dir = sweeps.sweep_folder("me/project/fakesweep") / f"{name}-trial42"
     job_id = submit(env, "-A", "tutorial", f"--chdir={REPO}", NEWEST.relative_to(REPO) / "submit_sweep_pm.sh",
                     "me/project/fakesweep")  # fmt: skip
@@ -267,7 +267,7 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
     summary = common.read_summary(trial_dir)
     assert summary["world_size"] == 4 and summary["steps"] == 32 and summary["settings"]["base_lr"] == 0.001
     trial = json.loads((sweeps.sweep_folder("me/project/fakesweep") / "trials" / f"{job_id}.json").read_text())
-    assert trial["exit_code"] == 0 and trial["name"] == name == "num_epochs4_lr1e-3_gbs64"
+    assert trial["exit_code"] == 0 and trial["name"] == name == "test_num_epochs4_lr1e-3_gbs64"
     pieces = run_files(trial_dir)
     assert len(pieces) == 2, "the first attempt and the continued one, both of the trial's W&B run"
     for piece in pieces:  # the requeued one too, though no agent set the variables then

@@ -101,19 +101,19 @@ def test_a_trial_as_the_agent_delivers_it_reaches_every_rank(tmp_path, tiny_data
     outputs = [finish(rank)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], "\n".join(outputs)
     sweep = stage_module(STAGE, "sweeps").sweep_folder("fakesweep")
-    out_dir = sweep / "lr1e-3_gbs64-trial123"
+    out_dir = sweep / "test_lr1e-3_gbs64-trial123"
     summary = common.read_summary(out_dir)
     assert summary["world_size"] == 2 and summary["settings"]["base_lr"] == 0.001
     assert summary["settings"]["global_batch_size"] == 64
     trial = yaml.safe_load((sweep / "trials" / "trial123.json").read_text())
-    assert trial["name"] == "lr1e-3_gbs64" and trial["exit_code"] == 0 and trial["run_id"] == "trial123"
+    assert trial["name"] == "test_lr1e-3_gbs64" and trial["exit_code"] == 0 and trial["run_id"] == "trial123"
     [piece] = run_files(out_dir)
-    assert run_record(piece)["id"] == "trial123" and run_record(piece)["name"] == "lr1e-3_gbs64"
+    assert run_record(piece)["id"] == "trial123" and run_record(piece)["name"] == "test_lr1e-3_gbs64"
 
 
 def test_trial_names_come_from_the_parameters():
     sweeps = stage_module(STAGE, "sweeps")
-    assert sweeps.trial_name(["--config=bs64", "--base_lr=0.001", "--global_batch_size=256"]) == "lr1e-3_gbs256"
+    assert sweeps.trial_name(["--config=bs64", "--base_lr=0.001", "--global_batch_size=256"]) == "bs64_lr1e-3_gbs256"
     assert sweeps.trial_name(["--base_lr=0.0025", "--seed=3"]) == "lr2.5e-3_seed3"
 
 
@@ -186,6 +186,20 @@ def test_sweep_files_name_only_settings_that_train_py_has_with_valid_values(swee
         for value in values:  # each value as the agent passes it: --key=value
             cfg = train_module.common.load_config(STAGE / "config.yaml", [f"--{key}={value}"])
             assert getattr(cfg, key) == value
+
+
+@pytest.mark.parametrize("sweep_file", SWEEP_FILES, ids=lambda path: path.name)
+def test_a_sweep_compares_batches_at_comparable_steps_not_at_the_same_epochs(sweep_file):
+    """Stage 07's pitfall: at the same epochs a larger batch takes fewer steps and loses for that reason alone. A
+    sweep varies the batch only through stage 07's configs, each with its epochs: the steps of its trials are
+    within a factor of 1.25 of each other."""
+    parameters = yaml.safe_load(sweep_file.read_text())["parameters"]
+    assert "global_batch_size" not in parameters and "num_epochs" not in parameters
+    steps = []
+    for name in parameters["config"]["values"]:
+        cfg = common.load_config(STAGE / "config.yaml", ["--config", name])
+        steps.append(cfg.num_epochs * (common.PRESETS[cfg.data_preset]["n_train"] // cfg.global_batch_size))
+    assert len(steps) > 1 and max(steps) <= 1.25 * min(steps), dict(zip(parameters["config"]["values"], steps))
 
 
 def test_the_offline_grid_maps_array_indices_to_exactly_the_grid_points(tmp_path):

@@ -1,8 +1,8 @@
 """Stage 02: the notebook as a script you can submit to Slurm.
 
 Train a U-Net to map a random density field to its gravitational potential.
-    python stages/02_script/train.py --config quick            # seconds on a CPU
-    python stages/02_script/train.py --config small --lr 1e-3  # any key can be overridden
+    python stages/02_script/train.py --config quick                                     # under a minute on a CPU
+    python stages/02_script/train.py --config quick --lr 1e-3 --out_dir runs/quick-lr1e-3  # override any key
 """
 
 import collections

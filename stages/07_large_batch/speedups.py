@@ -8,8 +8,9 @@ import torch
 
 def choose_precision(cfg, device):
     """The 16-bit type autocast computes in (None: float32 everywhere); TF32 on or off. --precision auto becomes bf16
-    on a GPU that has it, fp16 on an older GPU, float32 on a CPU, where bf16 ran 5 times slower than float32 on ours
-    (see the README); cfg.precision then names the choice, which checkpoints and the summary record."""
+    on a GPU that has it, fp16 on an older GPU, float32 on any CPU: bf16 is faster only on a CPU with bf16
+    instructions (1.5 times on one with AMX, 5 times slower on one without: see the README), and a run's precision
+    must not depend on the node it resumes on. cfg.precision then names the choice, which checkpoints record."""
     if cfg.precision == "auto":
         cfg.precision = "fp32" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     use_tf32(cfg.tf32)

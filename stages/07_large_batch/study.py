@@ -1,7 +1,7 @@
 """The batch-size study: train every `bs*` config of config.yaml, one after another, on one data preset, then
 compare them by the time each takes to reach a target validation error (not by samples/s).
 
-    python stages/07_large_batch/study.py --preset small                    # a CPU: about an hour on 2 cores
+    python stages/07_large_batch/study.py --preset small --micro_batch_size 64   # a CPU: about 40 min on 2 cores
     python stages/07_large_batch/study.py --preset full                     # a GPU node: every GPU, via torchrun
     python stages/07_large_batch/study.py --preset small --configs bs64 bs512   # some of them
 

@@ -4,7 +4,7 @@ accumulated from micro-batches.
 
     python stages/07_large_batch/train.py --config bs512 --data_preset tiny --num_epochs 2   # a laptop: accumulates
     sbatch -A <account> stages/07_large_batch/submit_pm.sh --config bs512                    # 4 GPUs of a node
-    python stages/07_large_batch/study.py --preset small                                     # the batch-size study
+    python stages/07_large_batch/study.py --preset small --micro_batch_size 64               # the batch-size study
 """
 
 import collections

@@ -28,18 +28,20 @@ STAGE = Path(__file__).resolve().parent
 sys.path.insert(0, str(STAGE.parent))  # find `common` from any working directory
 import common
 
-SHORT_NAMES = {"base_lr": "lr", "global_batch_size": "gbs"}  # trial names such as lr1e-3_gbs256
+SHORT_NAMES = {"base_lr": "lr", "global_batch_size": "gbs"}  # trial names such as bs256_lr1e-3
 # What `wandb agent` sets for the trial it starts (wandb/wandb_agent.py), which a requeued trial needs again
 AGENT_VARIABLES = ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_PROJECT", "WANDB_ENTITY")
 
 
 def trial_name(arguments):
-    """A name from the numbers among a trial's --key=value arguments (words and paths, such as --config=bs64,
-    name no trial apart): --base_lr=0.001 --global_batch_size=256 gives lr1e-3_gbs256."""
+    """A name from a trial's --key=value arguments: the config's name and the numbers (other words and paths name
+    no trial apart): --config=bs256 --base_lr=0.001 gives bs256_lr1e-3, --base_lr=0.0025 --seed=3 lr2.5e-3_seed3."""
     parts = []
     for argument in arguments:
         key, value = argument.removeprefix("--").split("=", 1)
-        if short_number(value):
+        if key == "config":
+            parts.append(value)
+        elif short_number(value):
             parts.append(f"{SHORT_NAMES.get(key, key)}{short_number(value)}")
     return "_".join(parts) or "trial"
 
