@@ -303,3 +303,19 @@ def test_the_study_command_and_duration_the_readme_states_are_the_reference_stud
     command = (folder / "COMMAND").read_text().split()
     del command[command.index("--out_dir") : command.index("--out_dir") + 2]
     assert f"```bash\n{' '.join(command)}   #" in text, "the command as the reference study ran it"
+
+
+NOTEBOOKS = sorted(p for p in REPO.rglob("*.ipynb") if not SKIP_DIRS & set(p.relative_to(REPO).parts))
+
+
+@pytest.mark.parametrize("page", MARKDOWN + NOTEBOOKS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_question_has_an_answer_a_learner_can_unfold(page):
+    """Each *Question:* is followed, before the next one, by <details><summary>Answer</summary> ... </details>."""
+    if page.suffix == ".ipynb":
+        cells = json.loads(page.read_text())["cells"]
+        text = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown")
+    else:
+        text = page.read_text()
+    for question in text.split("*Question:*")[1:]:
+        answer = question.find("<details><summary>Answer</summary>")
+        assert 0 < answer < question.find("</details>"), f"{page.relative_to(REPO)}: no answer to{question[:80]}"
