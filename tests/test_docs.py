@@ -45,14 +45,24 @@ def shell_commands(text):
                     yield words
 
 
+def heading_anchors(markdown):
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", markdown.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
 @pytest.mark.parametrize("markdown", MARKDOWN, ids=IDS)
 def test_relative_links_exist(markdown):
+    """Every relative link's file, and the heading it points to (`README.md#glossary`)."""
     text = markdown.read_text()
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
-        if re.match(r"^(https?|mailto):", target) or target.startswith("#"):
+        if re.match(r"^(https?|mailto):", target):
             continue
-        path = (markdown.parent / target.split("#")[0]).resolve()
+        file, _, anchor = target.partition("#")
+        path = (markdown.parent / file).resolve()
         assert path.exists(), f"{markdown.relative_to(REPO)} links to {target}, which does not exist"
+        if anchor and path.suffix == ".md":
+            assert anchor in heading_anchors(path), f"{markdown.relative_to(REPO)} links to {target}: no such heading"
 
 
 @pytest.mark.parametrize("markdown", MARKDOWN, ids=IDS)
