@@ -59,7 +59,7 @@ def test_relative_links_exist(markdown):
         if re.match(r"^(https?|mailto):", target):
             continue
         file, _, anchor = target.partition("#")
-        path = (markdown.parent / file).resolve()
+        path = (markdown.parent / file).resolve() if file else markdown
         assert path.exists(), f"{markdown.relative_to(REPO)} links to {target}, which does not exist"
         if anchor and path.suffix == ".md":
             assert anchor in heading_anchors(path), f"{markdown.relative_to(REPO)} links to {target}: no such heading"
