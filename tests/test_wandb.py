@@ -279,11 +279,13 @@ def test_a_broken_sweep_file_given_to_the_offline_grid_is_one_line(content, prob
 
 def test_w_and_b_starting_slowly_does_not_spend_the_other_ranks_timeout(tmp_path, tiny_data, listening_port):
     """A W&B server that accepts the connection and never answers (wandb.init waits up to 90 s): with
-    --ddp_timeout_s 8, rank 1 waits for rank 0 in a collective meanwhile. W&B gets half of that timeout, goes
-    offline, and both ranks train on, to the stop at step 4."""
+    --ddp_timeout_s 30, rank 1 waits for rank 0 in a collective meanwhile. W&B gets a quarter of that timeout to
+    answer (half of the half it has to start), goes offline, and both ranks train on, to the stop at step 4. (With
+    8 s, starting W&B's service and then its offline run took 10 s on a busy CI machine: the 30 s leave room for
+    that, and are still a third of the 90 s wandb.init would wait without the limit.)"""
     env = environment(WANDB_API_KEY=WELL_FORMED_KEY, WANDB_BASE_URL=f"http://127.0.0.1:{listening_port}")
     out_dir = tmp_path / "run"
-    result = train(out_dir, tiny_data, "--wandb_mode", "auto", "--ddp_timeout_s", "8", "--signal_at_step", "4",
+    result = train(out_dir, tiny_data, "--wandb_mode", "auto", "--ddp_timeout_s", "30", "--signal_at_step", "4",
                    env=env, nproc=2, timeout=120)  # fmt: skip
     # both ranks met at step 4 and saved (torchrun reports the ranks' exit code 3 as its own 1)
     assert "at step 4;" in result.stdout and "error:" not in result.stderr, output_of(result)
