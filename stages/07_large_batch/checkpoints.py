@@ -24,12 +24,12 @@ log = logging.getLogger(__name__)
 # with the same. (The loader's settings change how fast batches come, never what is in them: see
 # tests/test_data_loading.py. compile changes how the same arithmetic runs; precision and tf32 change the
 # arithmetic, so they define the run. micro_batch_size changes how many samples are computed at once, not the
-# step. The W&B settings say where the run is logged, not what it trains.)
+# step. The W&B settings say where the run is logged, not what it trains; profile_steps, which steps are timed.)
 MAY_CHANGE_ON_RESUME = {"config", "data_root", "out_dir", "device", "log_every", "checkpoint_every", "keep_last",
                         "resume", "signal_at_step", "num_workers", "pin_memory", "persistent_workers",
                         "prefetch_factor", "compile", "ddp_timeout_s", "micro_batch_size", "trial_file",
                         "wandb_mode", "wandb_project", "wandb_entity", "wandb_group", "wandb_name", "wandb_run_id",
-                        "wandb_image_every"}  # fmt: skip
+                        "wandb_image_every", "profile_steps"}  # fmt: skip
 stop_signal = None  # the signal that asked this process to stop, set by request_stop
 
 

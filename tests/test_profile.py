@@ -1,0 +1,76 @@
+"""Stage 09's profile of a step (--profile_steps): a trace per rank, and a breakdown of the mean step whose parts are
+each measured from the profiler's events and add up to the step's time."""
+
+import json
+
+import pytest
+
+import common
+from helpers import REPO, output_of, run_python, stage_module
+
+STAGE = REPO / "stages" / "09_scaling"
+# The test config has 16 steps per epoch; no log line or checkpoint among the profiled steps 6-10.
+PROFILE = ["--config", "test", "--num_epochs", "1", "--profile_steps", "6-10", "--log_every", "100",
+           "--checkpoint_every", "100", "--num_workers", "1"]  # fmt: skip
+
+
+def profiled_run(tmp_path, data_root, nproc):
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", nproc] if nproc > 1 else []
+    out_dir = tmp_path / "run"
+    result = run_python(*launcher, STAGE / "train.py", *PROFILE, "--out_dir", out_dir, "--data_root", data_root,
+                        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert result.returncode == 0, output_of(result)
+    return result, out_dir / "profile"
+
+
+def assert_parts_measured(breakdown, output):
+    """Every part is measured (none is what is left of the step), and together they make the step within the
+    tolerance profiling.py states; "other" stays under its limit."""
+    profiling = stage_module(STAGE, "profiling")
+    parts, step = breakdown["parts_s"], breakdown["step_s"]
+    assert list(parts) == list(profiling.PARTS), breakdown
+    for name in ("data_wait", "forward", "backward", "optimizer", "other"):
+        assert parts[name] > 0, (name, breakdown)
+    assert abs(breakdown["sum_of_parts_s"] - step) <= profiling.TOLERANCE * step, breakdown
+    assert breakdown["sum_of_parts_s"] == pytest.approx(sum(parts.values())), breakdown
+    assert parts["other"] < profiling.OTHER_LIMIT * step, breakdown
+    assert "profile of steps 6-10" in output and "beyond" not in output, output
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_profile_breaks_the_step_into_measured_parts(nproc, tmp_path, tiny_data):
+    """One process: no all-reduce. Two: DDP's all-reduce, part of it hidden behind backward (gloo's own events)."""
+    result, folder = profiled_run(tmp_path, tiny_data, nproc)
+    breakdown = json.loads((folder / "breakdown.json").read_text())
+    assert_parts_measured(breakdown, result.stdout)
+    assert breakdown["world_size"] == nproc and breakdown["per_process_batch"] == 32 // nproc
+    assert breakdown["gradient_bytes"] == 4 * common.count_parameters(common.UNet(8, 3))  # the test config's model
+    if nproc == 1:
+        assert breakdown["parts_s"]["allreduce_exposed"] == 0 and breakdown["allreduce_whole_s"] == 0, breakdown
+    else:
+        assert breakdown["allreduce_whole_s"] > 0 and breakdown["parts_s"]["allreduce_exposed"] > 0, breakdown
+        exposed_and_hidden = breakdown["parts_s"]["allreduce_exposed"] + breakdown["allreduce_hidden_s"]
+        assert exposed_and_hidden >= breakdown["allreduce_whole_s"] * 0.999, breakdown
+    for rank in range(nproc):  # a trace per rank, in Chrome's trace format, that Perfetto opens
+        trace = json.loads((folder / f"trace-rank{rank}.json").read_text())
+        names = {event.get("name") for event in trace["traceEvents"]}
+        assert {"forward", "backward", "optimizer", "data wait"} <= names
+        assert ("gloo:all_reduce" in names) == (nproc == 2)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("21", "give FIRST-LAST"), ("1-5", "from 2 on"), ("9-7", "give FIRST-LAST"),
+    ("14-16", "within one epoch"), ("15-18", "within one epoch"), ("30-40", "32 in all"),
+])  # fmt: skip
+def test_steps_that_cannot_be_profiled_are_one_line_errors(text, problem):
+    """Step 1 starts the workers; an epoch's last step validates and checkpoints; the run has so many steps."""
+    profiling = stage_module(STAGE, "profiling")
+    with pytest.raises(common.UserError, match=problem):
+        profiling.profiled_steps(text, 16, 32)
+    assert profiling.profiled_steps("6-10", 16, 32) == (6, 10) and profiling.profiled_steps(None, 16, 32) is None
+
+
+def test_union_of_overlapping_intervals():
+    profiling = stage_module(STAGE, "profiling")
+    assert profiling.union_length([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4  # [0, 3] and [5, 6]
+    assert profiling.union_length([]) == 0
