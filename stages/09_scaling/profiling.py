@@ -31,8 +31,10 @@ OTHER_LIMIT = 0.15  # above 15 % of the step, "other" hides something worth nami
 @contextlib.contextmanager
 def part(name, device):
     """A named range of a step, for the profile. While the profiler runs on a GPU, the range ends when the GPU has
-    done its work: the GPU runs behind the CPU, and the range would otherwise time only the queueing of the work."""
-    with record_function(name):
+    done its work: the GPU runs behind the CPU, and the range would otherwise time only the queueing of the work.
+    On a GPU it is also an NVTX range, which Nsight Systems shows on its timeline (see submit_scaling_pm.sh)."""
+    nvtx = torch.cuda.nvtx.range(name) if device.type == "cuda" else contextlib.nullcontext()
+    with record_function(name), nvtx:
         yield
         if device.type == "cuda" and torch.autograd._profiler_enabled():
             torch.cuda.synchronize(device)
