@@ -167,6 +167,41 @@ def loss_against_time(path):
     return save(figure, path)
 
 
+def scaling_prediction(path):
+    """samples/s against GPU count on Perlmutter as stage 09's scaling model predicts it from its assumed figures
+    (scaling_model.py --perlmutter): strong scaling at global batch 64 and 256, weak scaling at 64 per GPU, each with
+    its ideal line (N times one GPU), dashed; the impossible points (a per-GPU batch of 0) left out."""
+    sys.path.insert(0, str(STAGE_09))
+    import scaling_model
+
+    profile_at = scaling_model.a100_profiles(scaling_model.default_gradient_bytes())
+    counts = scaling_model.gpu_counts(scaling_model.PM_GPUS_PER_NODE)
+    links, per_node = scaling_model.PERLMUTTER_LINKS, scaling_model.PM_GPUS_PER_NODE
+    strong, weak = scaling_model.strong_scaling, scaling_model.weak_scaling
+    curves = {"strong scaling, global batch 64": strong(profile_at, links, 64, counts, per_node),
+              "strong scaling, global batch 256": strong(profile_at, links, 256, counts, per_node),
+              "weak scaling, 64 per GPU": weak(profile_at, links, 64, counts, per_node)}  # fmt: skip
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for label, rows in curves.items():
+        possible = [row for row in rows if row["impossible"] is None]
+        gpus = [row["gpus"] for row in possible]
+        line = axes.plot(gpus, [row["samples_per_s"] for row in possible], marker="o", label=label)[0]
+        axes.plot(gpus, [n * possible[0]["samples_per_s"] for n in gpus], linestyle="--", color=line.get_color(),
+                  linewidth=1)  # fmt: skip
+    axes.plot([], [], linestyle="--", color="grey", linewidth=1, label="ideal: N times one GPU")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(counts, [str(n) for n in counts])
+    axes.set_yscale("log")
+    axes.set_xlabel(f"GPUs ({per_node} per node)")
+    axes.set_ylabel("samples/s, all GPUs together")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    axes.set_title("A prediction from assumed figures, not a measurement: `default` on Perlmutter\n"
+                   "(stages/09_scaling/scaling_model.py --perlmutter)", fontsize=10)  # fmt: skip
+    figure.tight_layout()
+    return save(figure, path)
+
+
 def save(figure, path):
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -174,6 +209,7 @@ def save(figure, path):
 
 
 STAGE_07 = REPO / "stages" / "07_large_batch"
+STAGE_09 = REPO / "stages" / "09_scaling"
 RUN_02 = REPO / "example_logs" / "02_script-small-cpu"
 FIGURES = {  # file name -> how it is made
     "data-samples-small.png": lambda path: data_samples(path),
@@ -181,6 +217,7 @@ FIGURES = {  # file name -> how it is made
     "07_large_batch-lr-schedules.png": lambda path: lr_schedules(STAGE_07, ["bs64", "bs256", "bs512", "bs2048"], path),
     "throughput-quick-cpu.png": throughput,
     "loss-against-time-quick-cpu.png": loss_against_time,
+    "09_scaling-prediction-perlmutter.png": scaling_prediction,
     **{f"{study.parent.name}.png": (lambda path, folder=study.parent: batch_size_study(folder, path))
        for study in sorted((REPO / "example_logs").glob("*/study.json"))},
 }  # fmt: skip

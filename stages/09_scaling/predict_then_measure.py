@@ -62,10 +62,11 @@ def one_repeat(case, repeat, folder, data_preset):
          "--out_dir", one], folder / f"{name}-1proc.log")  # fmt: skip
     bench = folder / f"{name}-allreduce.json"
     run(torchrun(HERE / "bench_allreduce.py", "--sizes", SIZES, "--out", bench), folder / f"{name}-allreduce.log")
-    profile, fit = read_json(one / "profile" / "breakdown.json"), read_json(bench)["fit"]
-    predicted = scaling_model.predict_step(profile, fit, world_size=2, nodes=1, gpus_per_node=2,
+    profile, benchmark = read_json(one / "profile" / "breakdown.json"), read_json(bench)
+    links = scaling_model.links_from_benchmark(benchmark)
+    predicted = scaling_model.predict_step(profile, links, world_size=2, nodes=1,
                                            per_process_batch=settings["global_batch"] // 2)  # fmt: skip
-    inputs = {"profile_1proc": profile, "allreduce_fit": fit, "predicted": predicted}
+    inputs = {"profile_1proc": profile, "allreduce": benchmark, "links": links, "predicted": predicted}
     (folder / f"inputs-{name}.json").write_text(json.dumps(inputs, indent=1) + "\n")  # before the 2-process run
     two = folder / f"{name}-2proc"
     run(torchrun(HERE / "train.py", *arguments, "--global_batch_size", str(settings["global_batch"]), "--out_dir",
