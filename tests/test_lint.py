@@ -23,7 +23,7 @@ def test_shellcheck(script):
 
 
 def test_submit_scripts_are_strict_and_comment_every_sbatch_line():
-    for script in REPO.glob("stages/*/submit_pm.sh"):
+    for script in REPO.glob("stages/*/submit*.sh"):
         lines = script.read_text().splitlines()
         assert "set -euo pipefail" in lines, script
         for line in lines:

@@ -152,7 +152,7 @@ def test_the_perlmutter_report_names_its_assumptions_and_marks_the_impossible(mo
     out = capsys.readouterr().out
     assert "assumed: 4 A100s a node, NVLink 3: 300 GB/s each way x 0.77 = 231 GB/s bus bandwidth" in out
     assert "impossible: 64 samples for 128 GPUs: a per-GPU batch of 0" in out
-    assert "84 % weak-scaling efficiency at 32 nodes" in out
+    assert "78 % weak-scaling efficiency at 64 per GPU" in out
     assert "64 x the gradient" in out
 
 
