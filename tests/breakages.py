@@ -39,6 +39,7 @@ class Breakage(NamedTuple):
 
 S03, S04, S05 = "stages/03_checkpoint_restart", "stages/04_data_loading", "stages/05_amp"
 S06, S07, S08 = "stages/06_ddp", "stages/07_large_batch", "stages/08_wandb_sweeps"
+S09 = "stages/09_scaling"  # the newest stage: the tests of what every stage copies run on the first and the newest
 CHECKPOINT, INSIDE = "tests/test_checkpoint.py", "tests/test_inside_a_run.py"
 
 # fmt: off
@@ -47,8 +48,8 @@ BREAKAGES = [
     Breakage("rng-not-restored", f"{S03}/train.py", 'checkpoints.set_rng_states(saved["rng"])', "pass",
              [f"{CHECKPOINT}::test_resumed_run_ends_bit_identical[03_checkpoint_restart-mid-epoch]"],
              "torch's generator was not restored"),
-    Breakage("rng-not-restored-newest", f"{S08}/train.py", 'checkpoints.set_rng_states(saved["rng"])', "pass",
-             [f"{CHECKPOINT}::test_resumed_run_ends_bit_identical[08_wandb_sweeps-mid-epoch]"],
+    Breakage("rng-not-restored-newest", f"{S09}/train.py", 'checkpoints.set_rng_states(saved["rng"])', "pass",
+             [f"{CHECKPOINT}::test_resumed_run_ends_bit_identical[09_scaling-mid-epoch]"],
              "torch's generator was not restored"),
     Breakage("rerun-after-sigkill-starts-from-scratch", f"{S03}/checkpoints.py", 'folder.glob("step-*.pt"), reverse',
              'folder.glob("step_*.pt"), reverse',
@@ -70,9 +71,9 @@ BREAKAGES = [
              "start = batch * self.local_batch + self.rank * self.local_batch",
              [f"{INSIDE}::test_the_ranks_share_every_batch_and_rank_0_alone_generates_the_data[06_ddp]"],
              "samples twice"),
-    Breakage("logged-loss-is-rank-0s-own", f"{S08}/train.py", "loss, wait, stop = agree_across_ranks(loss, timer.wait)",
+    Breakage("logged-loss-is-rank-0s-own", f"{S09}/train.py", "loss, wait, stop = agree_across_ranks(loss, timer.wait)",
              "_, wait, stop = agree_across_ranks(loss, timer.wait); loss = loss.item()",
-             [f"{INSIDE}::test_two_processes_train_as_one_step_after_step[08_wandb_sweeps]"], "assert"),
+             [f"{INSIDE}::test_two_processes_train_as_one_step_after_step[09_scaling]"], "assert"),
     Breakage("w-and-b-gets-other-metrics-than-tensorboard", f"{S08}/tracking.py",
              'values = {"trainer/step": step, **metrics}',
              'values = {"trainer/step": step, **{k: v for k, v in metrics.items() if not k.startswith("perf/")}}',
@@ -103,7 +104,7 @@ BREAKAGES = [
              "tensors differ"),
     Breakage("scheduler-not-restored", f"{S08}/train.py", 'state.scheduler.load_state_dict(saved["scheduler"])', "pass",
              [f"{CHECKPOINT}::test_resumed_run_ends_bit_identical[08_wandb_sweeps-mid-epoch]"], "tensors differ"),
-    Breakage("scheduler-not-restored-4-processes-on-slurm", f"{S08}/train.py",
+    Breakage("scheduler-not-restored-4-processes-on-slurm", f"{S09}/train.py",
              'state.scheduler.load_state_dict(saved["scheduler"])', "pass",
              ["tests/test_slurm_stages.py::test_time_limit_signal_checkpoints_requeues_and_resumes"], "final_"),
     Breakage("loss-scale-not-restored", f"{S05}/train.py", 'state.scaler.load_state_dict(saved["scaler"])', "pass",

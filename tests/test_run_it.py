@@ -3,7 +3,8 @@ a fresh copy of the repository (no $SCRATCH: data and runs go inside it, as on a
 what its comment says it does.
 
 One change to the commands as written, to keep the suite short: what trains gets `--data_preset micro --num_epochs 2`
-appended (the smallest data set, 2 epochs), and bench_loader.py `--data_preset micro`; a line's own settings,
+appended (the smallest data set, 2 epochs), bench_loader.py `--data_preset micro`, bench_allreduce.py three sizes
+and three repeats, predict_then_measure.py its smallest form (one repeat of one case); a line's own settings,
 folders, stops and resumes are the README's. That the `quick` config as written trains well is the tour's test
 (tests/test_tour.py)."""
 
@@ -72,6 +73,13 @@ EXPECTED = {
         (0, ["offline"], "08_wandb_sweeps/quick"),
         (0, ["2 process(es), launcher torchrun"], "08_wandb_sweeps/quick-2proc"),
     ],
+    "09_scaling": [
+        (0, ["profile of steps 21-25, mean over 1 rank(s)", "profile/breakdown.json"], "09_scaling/profile-1proc"),
+        (0, ["with gloo: 2 processes", "fit: t = A + 2(n-1)/n x S / B", "wrote runs/09_scaling/allreduce-2proc"], None),
+        (0, ["strong scaling: global batch 64", "weak scaling: 32 per GPU"], None),
+        (0, ["Perlmutter, weak scaling: 64 per GPU", "78 % weak-scaling efficiency"], None),
+        (0, ["predicted", "measured, 2 processes", "allreduce_exposed"], None),
+    ],
 }
 
 
@@ -91,7 +99,9 @@ def laptop(tmp_path_factory):
     return root, env
 
 
-SHORTER = {"train.py": ["--data_preset", "micro", "--num_epochs", "2"], "bench_loader.py": ["--data_preset", "micro"]}
+SHORTER = {"train.py": ["--data_preset", "micro", "--num_epochs", "2"], "bench_loader.py": ["--data_preset", "micro"],
+           "bench_allreduce.py": ["--sizes", "4KB,256KB,1MB", "--repeats", "3", "--warmup", "1"],
+           "predict_then_measure.py": ["--repeats", "1", "--cases", "compute", "--data_preset", "micro"]}
 
 
 def as_run_here(line):
