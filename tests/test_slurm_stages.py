@@ -320,3 +320,23 @@ def test_the_container_gets_the_gpu_order_and_slurms_variables(tmp_path):
                            check=True).stdout.splitlines()  # fmt: skip
     passed = [words[i + 1] for i, word in enumerate(words) if word == "-e"]
     assert {"SLURM_*", "MASTER_*", "TUTORIAL_*"} <= set(passed), words
+
+
+def test_the_scaling_script_measures_the_all_reduce_and_profiles_the_step(local_slurm, tmp_path):
+    """Stage 09's submit_scaling_pm.sh as written (4 tasks on the fake 4-GPU node, so gloo on the CPU): the all-reduce
+    of 4 processes, then a profiled epoch, under $SCRATCH. (NCCL's network lines need GPUs: not seen here.)"""
+    env = {**local_slurm, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{local_slurm['PATH']}",
+           "SCRATCH": str(tmp_path), "TUTORIAL_BENCH_SIZES": "4KB,1MB"}  # fmt: skip
+    script = REPO / "stages" / "09_scaling" / "submit_scaling_pm.sh"
+    code, output = sbatch_wait(env, "-A", "tutorial", script.relative_to(REPO), "--config", "test", "--profile_steps",
+                               "6-10")  # fmt: skip
+    assert code == 0, output
+    [folder] = (tmp_path / REPO.name / "runs" / "09_scaling").glob("scaling-1node-*")
+    assert "all_reduce of float32 with gloo: 4 processes on 1 node(s)" in output, output
+    assert json.loads((folder / "allreduce.json").read_text())["world_size"] == 4
+    assert "profile of steps 6-10, mean over 4 rank(s)" in output, output
+    breakdown = json.loads((folder / "train" / "profile" / "breakdown.json").read_text())
+    assert breakdown["world_size"] == 4 and breakdown["allreduce_whole_s"] > 0, breakdown
+    assert sorted(path.name for path in (folder / "train" / "profile").glob("trace-rank*.json")) == [
+        f"trace-rank{rank}.json" for rank in range(4)]  # fmt: skip
+    assert f"--allreduce {folder}/allreduce.json" in output, output

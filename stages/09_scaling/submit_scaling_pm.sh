@@ -48,7 +48,12 @@ folder="$runs/09_scaling/scaling-${SLURM_JOB_NUM_NODES}node-${SLURM_JOB_ID}"
 mkdir -p "$folder"
 echo "$(date +%T) job $SLURM_JOB_ID: $SLURM_NTASKS processes on $SLURM_JOB_NUM_NODES node(s); results in $folder"
 
-srun --cpu-bind=cores "${TUTORIAL_PYTHON[@]}" stages/09_scaling/bench_allreduce.py --out "$folder/allreduce.json"
+# The message sizes of bench_allreduce.py (4 KB to 256 MB), or fewer for a quick try: TUTORIAL_BENCH_SIZES=4KB,1MB
+sizes=()
+if [[ -n "${TUTORIAL_BENCH_SIZES:-}" ]]; then
+  sizes=(--sizes "$TUTORIAL_BENCH_SIZES")
+fi
+srun --cpu-bind=cores "${TUTORIAL_PYTHON[@]}" stages/09_scaling/bench_allreduce.py "${sizes[@]}" --out "$folder/allreduce.json"
 
 # Nsight Systems, if asked: a timeline per rank with the CUDA kernels and the NVTX ranges train.py names (data
 # wait, forward, backward, optimizer). Open the .nsys-rep files in Nsight Systems on your own computer. (With the
