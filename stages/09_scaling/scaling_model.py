@@ -38,9 +38,10 @@ global batch, weak scaling grows it: a bigger global batch is not free."""
 # --perlmutter: assumed figures, each with its source.
 PM_GPUS_PER_NODE = 4  # 4 A100s and 4 Slingshot-11 NICs per GPU node (docs.nersc.gov/systems/perlmutter/architecture)
 NVLINK_BYTES_PER_S = 300e9  # NVLink 3: 600 GB/s per A100, both directions together (NVIDIA A100 datasheet)
-# The share of it an all-reduce gets: 8 A100s on NVSwitch measured a bus bandwidth of 230.8 GB/s (nccl-tests, 1 GiB;
-# NVIDIA/nccl issue 527), and NCCL 2.7's cost model capped an A100's at 235 GB/s (src/graph/tuning.cc). Perlmutter's
-# 4 A100s are linked directly, without NVSwitch: assumed the same.
+# The share of it an all-reduce gets: 8 A100s on NVSwitch measured a bus bandwidth of 230.8 GB/s (nccl-tests,
+# 1 GiB; NVIDIA/nccl issue 527; 200 to 208 GB/s in nccl-tests issues 149 and 178), and NCCL 2.7's cost model capped
+# an A100's at 235 GB/s (src/graph/tuning.cc). Perlmutter's 4 A100s are linked directly, without NVSwitch: assumed
+# the same.
 NVLINK_SHARE = 0.77
 NIC_BYTES_PER_S = 25e9  # one Slingshot-11 NIC per GPU: 200 Gb/s (HPE Slingshot, "200 Gbps endpoints")
 # An assumption: no measured NCCL bus bandwidth on Perlmutter was found. For comparison, InfiniBand HDR nodes of 8
