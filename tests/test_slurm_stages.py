@@ -222,7 +222,7 @@ os.makedirs(os.path.dirname(parameters), exist_ok=True)
 with open(parameters, "w") as file:
     file.write("".join(f"{{a[2:].split('=')[0]}}:\\n  value: {{a.split('=', 1)[1]}}\\n" for a in arguments))
 os.environ.update(WANDB_RUN_ID=run_id, WANDB_SWEEP_PARAM_PATH=parameters)
-subprocess.run(["/usr/bin/env", "python", "stages/08_wandb_sweeps/train.py", *arguments])
+subprocess.run(["/usr/bin/env", "python", "{program}", *arguments])
 """
 
 
@@ -235,7 +235,9 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
     its end, and W&B (offline) with two pieces of the trial's run."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "wandb").write_text(FAKE_AGENT.format(python=sys.executable))
+    program = NEWEST.relative_to(REPO) / "train.py"  # the sweep file's `program`, which the agent runs
+    assert f"program: {program}" in (NEWEST / "sweep.yaml").read_text()
+    (bin_dir / "wandb").write_text(FAKE_AGENT.format(python=sys.executable, program=program))
     (bin_dir / "wandb").chmod(0o755)
     calls = tmp_path / "agent-calls"
     trial_arguments = (f"--config=test --wandb_mode=offline --num_epochs=4 --base_lr=0.001 --global_batch_size=64 "
@@ -256,11 +258,12 @@ def test_an_interrupted_sweep_trial_continues_from_its_own_checkpoint_after_a_re
     deadline = time.monotonic() + 180
     while not (log.exists() and "step 16/" in log.read_text()):
         if time.monotonic() > deadline or job_field(env, job_id, "JobState") in FINISHED:
-            pytest.fail(f"no progress: {job_field(env, job_id, 'JobState')}\n{job_output(job_id, name='08_sweep')}")
+            state, output = job_field(env, job_id, "JobState"), job_output(job_id, name=f"{NEWEST.name[:2]}_sweep")
+            pytest.fail(f"no progress: {state}\n{output}")
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
     state = wait_for_job(env, job_id, timeout=240)
-    output = job_output(job_id, name="08_sweep")
+    output = job_output(job_id, name=f"{NEWEST.name[:2]}_sweep")
     assert state == "COMPLETED" and job_field(env, job_id, "Restarts") == "1", output
     assert calls.read_text().splitlines() == ["agent --count 1 me/project/fakesweep"], "the agent, once"
     assert "SIGUSR1 received: saved" in output and "requeued: continuing the trial" in output, output

@@ -99,8 +99,13 @@ def make_loaders(cfg, data_dir, device, micro_batch, rank=0, world_size=1):
     train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, drop_last=True,
                               num_workers=workers, pin_memory=pin, persistent_workers=persistent,
                               prefetch_factor=prefetch, worker_init_fn=worker_start)  # fmt: skip
+    # Validation reads in this process, without workers: its samples need no augmentation, and a worker forked at
+    # every validation, from a process whose other threads (TensorBoard's writer, gloo's, W&B's) may hold a lock at
+    # that moment, inherits the lock without the thread that would release it, and waits for ever. (Seen twice in the
+    # test suite on 2 busy cores: runs of 2 and 4 processes stuck at an epoch's end before its validation line, a
+    # rank timing out in an all-reduce; BigScience met it too, and read validation without workers.)
     val_loader = DataLoader(val_set, batch_size=micro_batch, sampler=range(rank, len(val_set), world_size),
-                            num_workers=workers, pin_memory=pin, worker_init_fn=worker_start)  # fmt: skip
+                            pin_memory=pin)  # fmt: skip
     log.info(f"data loading: {workers} worker processes, pin_memory {pin}, prefetch_factor {cfg.prefetch_factor}")
     return train_set, sampler, train_loader, val_loader
 

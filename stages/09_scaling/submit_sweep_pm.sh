@@ -1,5 +1,5 @@
 #!/bin/bash
-#SBATCH --job-name=08_sweep        # the name squeue shows
+#SBATCH --job-name=09_sweep        # the name squeue shows
 #SBATCH --constraint=gpu           # Perlmutter: GPU nodes (4 A100s each)
 #SBATCH --qos=regular              # whole nodes (or --qos=debug: up to 30 min, a short wait, for trying things)
 #SBATCH --nodes=1                  # one node per trial
