@@ -7,7 +7,7 @@ For each repeat, and each case in turn (interleaved, so that a machine getting b
   4. only then profile 2 processes, which nothing was fitted to.
 Then print predicted and measured side by side, term by term: median and range over the repeats.
 
-    python stages/09_scaling/predict_then_measure.py                                   # 5 repeats, about 10 min
+    python stages/09_scaling/predict_then_measure.py                                   # 5 repeats, about 6 min
     python stages/09_scaling/predict_then_measure.py --repeats 1 --cases compute       # the smallest form
 
 Two cases: `compute`, the quick config (batch 32, 66 k parameters: compute dominates), and `communication`, a wide
