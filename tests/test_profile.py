@@ -78,13 +78,16 @@ def test_union_of_overlapping_intervals():
     assert profiling.union_length([]) == 0
 
 
-def event(name, start, end, thread=1, parent=None, device_type=None):
-    """A stand-in for one of torch.profiler's events (FunctionEvent): the attributes profiling.py reads."""
+def event(name, start, end, thread=1, parent=None, on_gpu=False, annotation=False):
+    """A stand-in for one of torch.profiler's events (FunctionEvent, as torch/autograd/profiler.py builds it from
+    Kineto's): the attributes profiling.py reads. On a GPU, a kernel has device_type CUDA, and each named range
+    also has a GPU-side copy with is_user_annotation set."""
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import Interval
 
     return SimpleNamespace(name=name, time_range=Interval(start, end), thread=thread, cpu_parent=parent,
-                           device_type=device_type or DeviceType.CPU)  # fmt: skip
+                           device_type=DeviceType.CUDA if on_gpu else DeviceType.CPU,
+                           is_user_annotation=annotation)  # fmt: skip
 
 
 def test_the_breakdown_of_a_step_worked_by_hand():
@@ -100,6 +103,25 @@ def test_the_breakdown_of_a_step_worked_by_hand():
               event("gloo:all_reduce", 50, 78, thread=2), event("optimizer", 80, 95, parent=step),
               event("aten::add_", 95, 97, parent=step)]  # fmt: skip
     figures = profiling.breakdown(events, torch.device("cpu"))
+    expected = {"step": 100, "data_wait": 10, "forward": 20, "backward": 40, "allreduce_exposed": 10,
+                "optimizer": 15, "other": 2, "allreduce_whole": 28, "allreduce_hidden": 18}  # fmt: skip
+    assert figures == pytest.approx({name: us / 1e6 for name, us in expected.items()})
+
+
+def test_the_breakdown_of_a_gpu_step_worked_by_hand():
+    """The same step on a GPU (not run on one here: stand-in events as PyTorch builds them): backward's last kernel
+    ends at 70, NCCL's all-reduce kernel runs from 50 to 78 on its stream; the GPU-side copies of the step's and
+    backward's ranges are neither steps nor computation."""
+    profiling = stage_module(STAGE, "profiling")
+    step = event("ProfilerStep#7", 0, 100)
+    backward = event("backward", 30, 80, parent=step)
+    events = [step, event("data wait", 0, 10, parent=step), event("forward", 10, 30, parent=step), backward,
+              event("optimizer", 80, 95, parent=step), event("aten::add_", 95, 97, parent=step),
+              event("ProfilerStep#7", 1, 99, thread=7, on_gpu=True, annotation=True),
+              event("backward", 31, 80, thread=7, on_gpu=True, annotation=True),
+              event("void cudnn::engines_precompiled::conv_bwd_kernel", 32, 70, thread=7, on_gpu=True),
+              event("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 50, 78, thread=20, on_gpu=True)]  # fmt: skip
+    figures = profiling.breakdown(events, torch.device("cuda"))
     expected = {"step": 100, "data_wait": 10, "forward": 20, "backward": 40, "allreduce_exposed": 10,
                 "optimizer": 15, "other": 2, "allreduce_whole": 28, "allreduce_hidden": 18}  # fmt: skip
     assert figures == pytest.approx({name: us / 1e6 for name, us in expected.items()})

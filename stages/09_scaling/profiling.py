@@ -120,7 +120,8 @@ def report(summary, folder):
 def breakdown(events, device):
     """The mean profiled step, in seconds: its time, its parts (PARTS), and the all-reduce's whole time and the part
     of it hidden behind backward."""
-    steps = [event for event in events if event.name.startswith("ProfilerStep")]
+    cpu = torch.autograd.DeviceType.CPU  # on a GPU, each step's range has a GPU-side copy too
+    steps = [event for event in events if event.name.startswith("ProfilerStep") and event.device_type == cpu]
     thread = steps[0].thread  # the main thread, where train.py runs
     totals = dict.fromkeys(("step", *PARTS, "allreduce_whole", "allreduce_hidden"), 0.0)
     for step in steps:
@@ -163,8 +164,9 @@ def exposed_allreduce(backward, inside, device):
     within = [event for event in inside if start <= event.time_range.start and event.time_range.end <= end]
     if not any(is_allreduce(event) for event in within) and not any("reducer" in event.name for event in within):
         return 0.0
-    if device.type == "cuda":
-        compute = [e for e in within if e.device_type == torch.autograd.DeviceType.CUDA and not is_allreduce(e)]
+    if device.type == "cuda":  # kernels; not the GPU-side copies of the named ranges (user annotations)
+        compute = [e for e in within if e.device_type == torch.autograd.DeviceType.CUDA and not is_allreduce(e)
+                   and not e.is_user_annotation]  # fmt: skip
     else:
         compute = [e for e in within if e.thread == backward.thread and e.name.startswith("autograd::engine")]
     last_compute_end = max((event.time_range.end for event in compute), default=start)
