@@ -3,6 +3,7 @@ with 2 ranks, and clear refusals. (torchrun on `quick` is run by the tour, tests
 requeue and a dead rank on the local Slurm, tests/test_slurm_stages.py.)"""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,21 +156,29 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path, tiny_data):
     ), output_of(result)
 
 
-def test_ranks_started_with_different_settings_are_refused(tmp_path, tiny_data):
-    """Two processes started by hand, as two launchers might, rank 1 with another seed: it would learn from
-    other batches than rank 0 believes. Both stop with one line that names the difference."""
+@pytest.mark.parametrize("difference", ["settings", "code"])
+def test_ranks_started_with_different_settings_or_code_are_refused(difference, tmp_path, tiny_data):
+    """Two processes started by hand, as two launchers might: rank 1 with another seed (it would learn from other
+    batches than rank 0 believes), or from another copy of the stage whose train.py differs by one line (a node
+    with an older checkout). Both stop with one line that names the difference."""
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500)}
+    other_copy = shutil.copytree(REPO / "stages", tmp_path / "other" / "stages",
+                                 ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    with open(other_copy / STAGE.name / "train.py", "a") as train_py:
+        train_py.write("# an edit that only this copy has\n")
+    seed_1, stage_1 = ("1", STAGE) if difference == "settings" else ("0", other_copy / STAGE.name)
     processes = []
-    for rank, seed in [(0, "0"), (1, "1")]:
-        command = [sys.executable, STAGE / "train.py", "--config", "test", "--seed", seed, "--data_root", tiny_data,
+    for rank, seed, stage in [(0, "0", STAGE), (1, seed_1, stage_1)]:
+        command = [sys.executable, stage / "train.py", "--config", "test", "--seed", seed, "--data_root", tiny_data,
                    "--out_dir", tmp_path / "run"]  # fmt: skip
         rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
         processes.append(start(command, cwd=tmp_path, env=rank_env, timeout=120, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE))  # fmt: skip
+    named = "seed 1 there, 0 on rank 0)" if difference == "settings" else "code "
+    expected = f"rank 1 would train another run than rank 0 ({named}"
     for rank, process in enumerate(processes):
         out, err = finish(process)
         assert process.returncode == 1 and "Traceback" not in err, f"rank {rank}: {out}{err}"
-        expected = "rank 1 would train another run than rank 0 (seed 1 there, 0 on rank 0)"
         assert expected in err.strip().splitlines()[-1], f"rank {rank}: {err}"
     assert not (tmp_path / "run" / "checkpoints").exists(), "nothing was trained, nothing saved"
 

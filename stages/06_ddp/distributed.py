@@ -15,11 +15,13 @@ Later stages copy this file unchanged. (How each process takes its share of ever
 """
 
 import datetime
+import hashlib
 import logging
 import os
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -153,18 +155,28 @@ def barrier():
 
 def check_same_on_every_rank(facts):
     """Every rank calls this (an all-gather): refuse to train when processes differ in what defines the run
-    (settings, data set, the checkpoint they resumed from). Different commands per rank would otherwise train a
-    model that none of them meant."""
+    (settings, data set, the checkpoint they resumed from, the code). Different commands per rank, or a node with
+    another copy of the code, would otherwise train a model that none of them meant."""
     if not dist.is_initialized():
         return
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, facts)
+    dist.all_gather_object(everyone, {**facts, "code": code_fingerprint()})
     for rank, theirs in enumerate(everyone):
         different = [f"{key} {theirs.get(key)!r} there, {value!r} on rank 0"
                      for key, value in everyone[0].items() if theirs.get(key) != value]  # fmt: skip
         if different:
             raise common.UserError(f"rank {rank} would train another run than rank 0 ({'; '.join(different)}): "
-                                   "start every process with the same command and the same data")  # fmt: skip
+                                   "start every process with the same command, data and code")  # fmt: skip
+
+
+def code_fingerprint():
+    """This process's code, in 12 hex digits: a hash of its stage's .py files and of the common module's. A node
+    that runs another copy of the repository (an older checkout, a container with other files) differs in it."""
+    digest = hashlib.sha256()
+    stage = Path(__file__).resolve().parent
+    for path in sorted([*stage.glob("*.py"), *(stage.parent / "common").glob("*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def known_failure(error):
