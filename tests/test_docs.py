@@ -239,7 +239,7 @@ CHANGED_BY_CONCEPT = {
     "07_large_batch": {"data_loading.py"},  # each share in micro-batches
 }
 COPIED = {"checkpoints.py", "predict.py", "submit_pm.sh", "distributed.py", "submit_pm_torchrun.sh", "data_loading.py",
-          "batch_scaling.py", "speedups.py"}  # fmt: skip
+          "batch_scaling.py", "speedups.py", "tracking.py", "sweeps.py", "sweep.yaml", "sweep_random.yaml"}  # fmt: skip
 
 
 @pytest.mark.parametrize("stage", STAGES[3:], ids=[s.name for s in STAGES[3:]])

@@ -51,8 +51,6 @@ def test_profile_breaks_the_step_into_measured_parts(nproc, tmp_path, tiny_data)
         assert breakdown["parts_s"]["allreduce_exposed"] == 0 and breakdown["allreduce_whole_s"] == 0, breakdown
     else:
         assert breakdown["allreduce_whole_s"] > 0 and breakdown["parts_s"]["allreduce_exposed"] > 0, breakdown
-        exposed_and_hidden = breakdown["parts_s"]["allreduce_exposed"] + breakdown["allreduce_hidden_s"]
-        assert exposed_and_hidden >= breakdown["allreduce_whole_s"] * 0.999, breakdown
     for rank in range(nproc):  # a trace per rank, in Chrome's trace format, that Perfetto opens
         trace = json.loads((folder / f"trace-rank{rank}.json").read_text())
         names = {event.get("name") for event in trace["traceEvents"]}
@@ -125,3 +123,13 @@ def test_the_breakdown_of_a_gpu_step_worked_by_hand():
     expected = {"step": 100, "data_wait": 10, "forward": 20, "backward": 40, "allreduce_exposed": 10,
                 "optimizer": 15, "other": 2, "allreduce_whole": 28, "allreduce_hidden": 18}  # fmt: skip
     assert figures == pytest.approx({name: us / 1e6 for name, us in expected.items()})
+
+
+def test_resume_none_keeps_an_earlier_profile(tmp_path):
+    """--resume none sets the earlier run's files aside, its profile folder (traces, breakdown) among them."""
+    checkpoints = stage_module(STAGE, "checkpoints")
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "breakdown.json").write_text("{}")
+    (tmp_path / "train.log").write_text("an earlier run\n")
+    archive = checkpoints.set_aside_earlier_run(tmp_path)
+    assert (archive / "profile" / "breakdown.json").exists() and not (tmp_path / "profile").exists()

@@ -3,6 +3,7 @@ buckets, the overlap of the all-reduces with backward, a step predicted part by 
 tiny made-up profile with the impossible points marked; the assumed A100 step; the CLI once on small JSON files."""
 
 import json
+import statistics
 
 import pytest
 
@@ -172,3 +173,34 @@ def test_the_cli_prints_both_tables_from_the_two_json_files(tmp_path):
     # GPUs, nodes, batch, global, step 17.25 ms, all-reduce 2.497 ms whole, 1.249 exposed, 1855 samples/s, 0.93
     assert weak[1].split() == ["2", "1", "16", "32", "17.25", "2.497", "1.249", "1855", "0.93"]
     assert "optimizer steps training needs" in result.stdout
+
+
+def test_the_readme_figures_come_from_the_committed_outputs(model, capsys):
+    """The Perlmutter prediction the README shows (example_logs/09_scaling-laptop-cpu/perlmutter.txt) is what
+    scaling_model.py prints today, and the figures the README's text quotes from it, and from the committed
+    predict-then-measure run (check.json), are those outputs' own, not typed apart from them."""
+    model.report_perlmutter()
+    printed = capsys.readouterr().out
+    logs = REPO / "example_logs"
+    assert printed == (logs / "09_scaling-laptop-cpu" / "perlmutter.txt").read_text()
+    readme = " ".join((STAGE / "README.md").read_text().split())  # lines joined: a figure may wrap
+
+    def efficiency(title, gpus):
+        table = printed.split(title)[1].split("\n\n")[0]
+        row = next(line.split() for line in table.splitlines()[2:] if line.split()[0] == str(gpus))
+        return f"{round(100 * float(row[-1]))} %"
+
+    assert f"gives `default` {efficiency('weak scaling: 64 per GPU', 128)} at 32 nodes" in readme
+    assert f"strong scaling is poor ({efficiency('strong scaling: global batch 64', 4)} on the 4 GPUs" in readme
+    for times in (64, 256):
+        line = next(line for line in printed.splitlines() if line.strip().startswith(f"{times} x the gradient"))
+        assert f"{round(100 * float(line.split('efficiency ')[1].split(',')[0]))} %" in readme, line
+    check = json.loads((logs / "09_scaling-predict-then-measure-cpu" / "check.json").read_text())
+    steps = {}
+    for case, runs in check.items():
+        predicted, measured = (statistics.median(1e3 * run["step_s"] for run in runs[kind]) for kind in runs)
+        steps[case] = round(predicted), round(measured), round(100 * (measured / predicted - 1))
+    assert (f"{steps['compute'][0]} ms predicted against {steps['compute'][1]} ms measured for `compute` (the two "
+            f"processes {steps['compute'][2]} % slower") in readme, steps  # fmt: skip
+    assert (f"{steps['communication'][0]} against {steps['communication'][1]} ms for `communication` "
+            f"({steps['communication'][2]} %)") in readme, steps  # fmt: skip

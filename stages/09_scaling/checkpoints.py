@@ -197,7 +197,8 @@ def set_aside_newer_work(out_dir, resumed_from, step):
 def set_aside_earlier_run(out_dir):
     """For --resume none: move an earlier run's files to out_dir/earlier/<time>-<id>/, where nothing resumes
     from them and nothing is lost. Returns that folder, or None if there was nothing to move."""
-    names = [name for name in ("checkpoints", "tensorboard", "summary.json", "train.log") if (out_dir / name).exists()]
+    names = ["checkpoints", "tensorboard", "summary.json", "train.log", "profile"]  # profile: stage 09's traces
+    names = [name for name in names if (out_dir / name).exists()]
     if not names:
         return None
     (out_dir / "earlier").mkdir(exist_ok=True)

@@ -117,6 +117,8 @@ def main():
         raise common.UserError(f"--cases takes some of {', '.join(CASES)} and --repeats 1 or more")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = args.out_dir or common.output_root("runs", default=HERE.parents[1] / "runs") / HERE.name / f"check-{stamp}"
+    if (folder / "check.json").exists():
+        raise common.UserError(f"{folder} holds a check already: give another --out_dir (nothing was overwritten)")
     folder.mkdir(parents=True, exist_ok=True)
     results = {case: {"predicted": [], "measured": []} for case in cases}
     for repeat in range(1, args.repeats + 1):

@@ -286,6 +286,8 @@ def main():
     parser.add_argument("--per_process_batch", type=int, help="weak scaling's batch per GPU (default: the profile's)")
     parser.add_argument("--gpus_per_node", type=int, default=4, help="GPUs (processes) a node (default: 4)")
     args = parser.parse_args()
+    if min(args.global_batch, args.gpus_per_node, args.per_process_batch or 1) < 1:
+        raise common.UserError("--global_batch, --per_process_batch and --gpus_per_node take 1 or more")
     if args.perlmutter:
         report_perlmutter()
     elif args.profile and args.allreduce:
