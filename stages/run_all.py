@@ -63,13 +63,16 @@ def run_notebook(stage, config, tour_dir):
     return subprocess.run(command, env=env).returncode, out_dir
 
 
-def run_script(stage, config, tour_dir, settings=(), label=None, nproc_per_node=None):
-    out_dir = tour_dir / (label or stage.name).replace(" --", "_").replace(" ", "-")
+def script_command(stage, config, out_dir, settings=(), nproc_per_node=None):
     launcher = [sys.executable]
     if (stage / "distributed.py").exists():  # data parallel: torchrun starts the processes
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node)]
-    command = [*launcher, str(stage / "train.py"), "--config", config, *settings, "--out_dir", str(out_dir)]
-    return subprocess.run(command).returncode, out_dir
+    return [*launcher, str(stage / "train.py"), "--config", config, *settings, "--out_dir", str(out_dir)]
+
+
+def run_script(stage, config, tour_dir, settings=(), label=None, nproc_per_node=None):
+    out_dir = tour_dir / (label or stage.name).replace(" --", "_").replace(" ", "-")
+    return subprocess.run(script_command(stage, config, out_dir, settings, nproc_per_node)).returncode, out_dir
 
 
 def table(rows):

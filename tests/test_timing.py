@@ -83,3 +83,21 @@ def test_the_totals_of_a_resumed_run_continue_from_its_checkpoint(clock):
 def test_a_run_without_a_timed_step_gives_rates_of_zero(clock):
     timer = common.StepTimer(32, 1, logging.getLogger("test"))
     assert timer.summary()["samples_per_s"] == 0.0
+
+
+def test_the_validation_and_checkpoint_between_two_epochs_are_not_training_time(clock):
+    """An epoch ends with a progress line (a window ends); the next epoch's batches start a new window, so the
+    validation between (which recompiles a compiled model) counts neither in samples/s nor in the data wait."""
+    timer = common.StepTimer(32, 10, logging.getLogger("test"))
+    timer.first_step = False
+    for _ in timer.timed(slow_batches(clock, [1.0])):
+        clock.now += 1.0
+        timer.step_done()
+    timer.window(step=1)  # the epoch's last progress line
+    clock.now += 30.0  # validation and a checkpoint
+    for _ in timer.timed(slow_batches(clock, [1.0])):
+        clock.now += 1.0
+        timer.step_done()
+    samples_per_s, wait, _ = timer.window(step=2)
+    assert samples_per_s == pytest.approx(32 / 2.0) and wait == pytest.approx(0.5)
+    assert timer.totals["train_time"] == pytest.approx(4.0)

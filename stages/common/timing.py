@@ -30,7 +30,11 @@ class StepTimer:
         self.steps, self.wait, self.window_start = 0, 0.0, time.perf_counter()
 
     def timed(self, batches):
-        """The batches, one by one, adding the time spent waiting for each to the window's data wait."""
+        """The batches, one by one, adding the time spent waiting for each to the window's data wait. An epoch's
+        batches start a new window if the last one ended with no step since: the validation and checkpoint between
+        two epochs are not training (a compiled model compiles again for validation, which took seconds)."""
+        if self.steps == 0 and not self.first_step:
+            self.new_window()
         batches = iter(batches)
         while True:
             wait_start = time.perf_counter()
