@@ -23,6 +23,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -78,14 +79,17 @@ PARTS = ("throughput", "model_alone", "accumulation", "deterministic", "cuda_tes
 
 def commit(given):
     """The commit measured, and whether files differ from it (then the figures are not that commit's alone).
-    A copy of the repository without its .git folder (as sent to a lent GPU machine) takes it from --commit."""
+    --commit names it for a copy of the working tree whose .git is missing or not its own (a lent GPU machine's
+    copy: git there named the commit this checkout was at when the session began, not the one sent)."""
+    if given:
+        return given, None  # None: not known whether the files differ from it
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                 capture_output=True, text=True, check=True)  # fmt: skip
         return head.stdout.strip(), bool(status.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
-        return given, None  # None: not known whether the files differ from it
+        return None, None
 
 
 def machine():
@@ -410,43 +414,111 @@ def targets(results):
     ]
 
 
-def table(truth):
-    """The results as markdown: one row per run label, the repeats side by side."""
-    rows, seen = [], {}
+def grouped(truth):
+    """{(part, label): [its runs]}, in the order they ran; the data generation left out."""
+    seen = {}
     for r in truth["runs"]:
-        seen.setdefault((r["part"], r["label"]), []).append(r)
-    lines = ["| part | run | samples/s (each run) | spread | data wait | first step | peak GPU memory | status |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for (part, label), runs in seen.items():
-        if part == "data":
-            continue
-        ok = [r for r in runs if r["status"] == "ok" and "samples_per_s" in r]
-        each = [r["samples_per_s"] for r in ok]
-        waits = [r["data_wait_share"] for r in ok if r.get("data_wait_share") is not None]
-        firsts = [r.get("first_step_s", r.get("warmup_s")) for r in ok if r.get("first_step_s", r.get("warmup_s"))]
-        memory = [r["peak_gpu_memory_gib"] for r in ok if r.get("peak_gpu_memory_gib")]
-        status = "; ".join(sorted({r["status"] if r["status"] != "ok" or part != "cuda_tests" else r["result"]
-                                   for r in runs}))  # fmt: skip
-        cells = [part, f"`{label}`", " / ".join(f"{x:.0f}" for x in each) or "-",
-                 f"{spread(each):.1%}" if spread(each) is not None else "-",
-                 " / ".join(f"{w:.1%}" for w in waits) or "-", " / ".join(f"{f:.1f} s" for f in firsts) or "-",
-                 f"{max(memory):.2f} GiB" if memory else "-", status]  # fmt: skip
-        rows.append("| " + " | ".join(cells) + " |")
-    head = (f"{truth['hardware']}, driver {truth['driver'] or '-'}, torch {truth['torch']} "
-            f"(CUDA {truth['cuda'] or '-'}), "
-            f"{truth['cpus']} CPUs; commit {(truth['commit'] or 'unknown')[:7]}"
-            f"{' with uncommitted changes' if truth['dirty'] else ''}; {truth['date']}; --size {truth['size']}, "
+        if r["part"] != "data":
+            seen.setdefault((r["part"], r["label"]), []).append(r)
+    return seen
+
+
+def row(part, label, runs):
+    ok = [r for r in runs if r["status"] == "ok" and "samples_per_s" in r]
+    each = [r["samples_per_s"] for r in ok]
+    waits = [r["data_wait_share"] for r in ok if r.get("data_wait_share") is not None]
+    firsts = [r.get("first_step_s", r.get("warmup_s")) for r in ok if r.get("first_step_s", r.get("warmup_s"))]
+    memory = [r["peak_gpu_memory_gib"] for r in ok if r.get("peak_gpu_memory_gib")]
+    status = "; ".join(sorted({r["result"] if part == "cuda_tests" and r["status"] == "ok" else r["status"]
+                               for r in runs}))  # fmt: skip
+    cells = [part, f"`{label}`", " / ".join(f"{x:.0f}" for x in each) or "-",
+             f"{spread(each):.1%}" if spread(each) is not None else "-",
+             " / ".join(f"{w:.1%}" for w in waits) or "-", " / ".join(f"{f:.1f} s" for f in firsts) or "-",
+             f"{max(memory):.2f} GiB" if memory else "-", status]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def heading(truth):
+    commit_said = (truth["commit"] or "unknown")[:7] + (" with uncommitted changes" if truth["dirty"] else "")
+    return (f"{truth['hardware']}, driver {truth['driver'] or '-'}, torch {truth['torch']} (CUDA {truth['cuda'] or '-'}"
+            f"), {truth['cpus']} CPUs; commit {commit_said}; {truth['date']}; --size {truth['size']}, "
             f"{truth['seconds']:.0f} s of a {truth['budget_s']:.0f} s budget")  # fmt: skip
+
+
+def profile_lines(truth):
+    lines = []
     for r in truth["runs"]:
         if "breakdown" in r:
             b = r["breakdown"]
             parts = ", ".join(f"{name.replace('_', ' ')} {seconds * 1e3:.1f} ms"
                               for name, seconds in b["parts_s"].items())  # fmt: skip
-            rows += ["", f"Profile of the step (`{r['label']}`, {b['world_size']} process): {b['step_s'] * 1e3:.1f} ms "
-                         f"per step of {b['per_process_batch']} samples: {parts}."]  # fmt: skip
-    goals = [f"- {t['target']}: **{t['status']}**" + (f", {t['figure']}" if t["figure"] else "")
-             for t in truth["targets"]]  # fmt: skip
-    return "\n".join([head, "", *lines, *rows, "", *goals]) + "\n"
+            lines.append(f"Profile of the step (`{r['label']}`, {b['world_size']} process): {b['step_s'] * 1e3:.1f} "
+                         f"ms per step of {b['per_process_batch']} samples: {parts}.")  # fmt: skip
+    return lines
+
+
+def table(truth, labels=None):
+    """The results as markdown: one row per run label (those of `labels` only, if given), the repeats side by side;
+    with every row, the profile and the targets too."""
+    lines = ["| part | run | samples/s (each run) | spread | data wait | first step | peak GPU memory | status |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    found = grouped(truth)
+    chosen = [key for key in found if labels is None or key[1] in labels]
+    missing = set(labels or ()) - {label for _, label in found}
+    if missing:
+        raise common.UserError(f"no run labelled {', '.join(sorted(missing))} in this measurement")
+    lines += [row(part, label, found[(part, label)]) for part, label in chosen]
+    if labels is not None:
+        return "\n".join(lines) + "\n"
+    return "\n".join([heading(truth), "", *lines, "", *profile_lines(truth), "", *target_lines(truth)]) + "\n"
+
+
+def target_lines(truth):
+    return [f"- {t['target']}: **{t['status']}**" + (f", {t['figure']}" if t["figure"] else "")
+            for t in truth["targets"]]  # fmt: skip
+
+
+def merge(files):
+    """One measurement made by several commands on the same machine and commit (parts the budget left out, run
+    next): their runs in order, less a "not run" of a part that a later command ran; the targets over all of them."""
+    truths = [json.loads(Path(file).read_text()) for file in files]
+    for key in ("hardware", "driver", "torch", "commit", "size"):
+        if len({str(t[key]) for t in truths}) > 1:
+            values = ", ".join(str(t[key]) for t in truths)
+            raise common.UserError(f"--merge: the measurements differ in {key} ({values}): merge only measurements of "
+                                   "one machine and commit")  # fmt: skip
+    merged = {**truths[0], "date": " and ".join(t["date"] for t in truths)}
+    merged |= {"seconds": sum(t["seconds"] for t in truths), "budget_s": sum(t["budget_s"] for t in truths)}
+    runs = [r for t in truths for r in t["runs"]]
+    ran = {(r["part"], r["label"]) for r in runs if not r["status"].startswith("not run")}
+    merged["runs"] = [r for r in runs if (r["part"], r["label"]) not in ran or not r["status"].startswith("not run")]
+    merged["targets"] = targets(merged["runs"])
+    return merged
+
+
+README_START = re.compile(r"<!-- gpu_truth rows: (.*?) -->\n")
+README_END = "<!-- end gpu_truth -->"
+
+
+def readme_blocks(text, truth, folder, readme):
+    """The README's text with each gpu_truth block written again from the measurement in `folder`: a line naming
+    the hardware, commit and logs, then the rows the block's first line names ("all": every row, and the targets)."""
+    out, position = [], 0
+    for start in README_START.finditer(text):
+        end = text.index(README_END, start.end())
+        names = start.group(1)
+        labels = list(dict.fromkeys(label for _, label in grouped(truth))) if names == "all" else [
+            label.strip() for label in names.split("|")]  # fmt: skip
+        logs = os.path.relpath(folder, readme.parent)
+        head = (f"Measured on one {truth['hardware']} (driver {truth['driver']}, torch {truth['torch']}, "
+                f"{truth['cpus']} CPUs) at commit {truth['commit'][:7]}, {truth['date']}, by "
+                f"`python stages/gpu_truth.py` ([its logs]({logs}/COMMAND)); the `bench` preset (128x128, batch 128) "
+                f"unless a row names another config, 320 steps a run (the profile: 64). H100 and H200 figures do not "
+                f"carry over to Perlmutter's A100s: measure there.\n\n")
+        goals = "\n" + "\n".join(target_lines(truth)) + "\n" if names == "all" else ""
+        out += [text[position : start.end()], head, table(truth, labels), goals]
+        position = end
+    return "".join(out + [text[position:]])
 
 
 def main():
@@ -459,10 +531,31 @@ def main():
     parser.add_argument("--out_dir", type=Path, help="default: runs/gpu_truth (or under $SCRATCH)")
     parser.add_argument("--data_root", type=Path, help="default: <out_dir>/data")
     parser.add_argument("--commit", help="the commit measured, for a copy without .git (default: git's HEAD)")
+    parser.add_argument("--merge", nargs="+", metavar="TRUTH_JSON", help="merge measurements into --out_dir")
+    parser.add_argument("--readmes", type=Path, metavar="FOLDER",
+                        help="write the README tables from FOLDER/truth.json (e.g. example_logs/gpu_truth-bench-h200)")
     parser.add_argument("--helper", choices=("model_alone", "lightning"), help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     settings = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.merge:
+        if not args.out_dir:
+            raise common.UserError("--merge writes the merged measurement to --out_dir: give one")
+        truth = merge(args.merge)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+        (args.out_dir / "table.md").write_text(table(truth))
+        print(table(truth))
+        return
+    if args.readmes:
+        truth = json.loads((args.readmes / "truth.json").read_text())
+        for readme in [REPO / "README.md", *sorted(REPO.glob("stages/*/README.md"))]:
+            text = readme.read_text()
+            written = readme_blocks(text, truth, args.readmes, readme)
+            if written != text:
+                readme.write_text(written)
+                print(f"wrote {readme.relative_to(REPO)}")
+        return
     if args.helper:  # one part in a process of its own, as a stage runs
         helper = model_alone if args.helper == "model_alone" else lightning_run
         print(json.dumps(helper(args.size, args.data_root, settings)), flush=True)

@@ -143,3 +143,26 @@ def test_the_targets_worked_by_hand():
     slower = "stage 06 (one process) at most 3 % slower than stage 05 (bf16), beyond the spread of the repeats"
     assert found[slower] == "not met"  # 5 % slower, with no spread between the repeats
     assert found["the newest stage at least 1.0x Lightning"] == "not measured"
+
+
+def test_the_readme_tables_are_those_of_the_committed_measurement():
+    """Every gpu_truth block of the READMEs is what `--readmes` writes from example_logs/gpu_truth-bench-h200: no GPU
+    figure is typed by hand, and a block that names a run the measurement lacks fails."""
+    folder = REPO / "example_logs" / "gpu_truth-bench-h200"
+    truth = json.loads((folder / "truth.json").read_text())
+    readmes = [REPO / "README.md", *sorted(REPO.glob("stages/*/README.md"))]
+    with_blocks = [readme for readme in readmes if gpu_truth.README_START.search(readme.read_text())]
+    assert len(with_blocks) >= 7
+    for readme in with_blocks:
+        text = readme.read_text()
+        assert gpu_truth.readme_blocks(text, truth, folder, readme) == text, f"{readme}: run --readmes again"
+    assert "commit 4b75b9b" in (REPO / "README.md").read_text()
+
+
+def test_the_committed_measurement_is_its_two_commands_merged():
+    """truth.json and table.md of the example logs are what --merge makes of the two measurements beside them."""
+    folder = REPO / "example_logs" / "gpu_truth-bench-h200"
+    merged = gpu_truth.merge([folder / "measurement-1" / "truth.json", folder / "measurement-2" / "truth.json"])
+    assert merged == json.loads((folder / "truth.json").read_text())
+    assert gpu_truth.table(merged) == (folder / "table.md").read_text()
+    assert not any(r["status"].startswith("not run") for r in merged["runs"]), "a later command ran them"

@@ -127,7 +127,10 @@ def breakdown(events, device):
     for step in steps:
         start, end = step.time_range.start, step.time_range.end
         inside = [event for event in events if start <= event.time_range.start and event.time_range.end <= end]
-        ranges = [event for event in inside if event.thread == thread and event.name in NAMED]
+        # The main thread's own events: a GPU event's thread is the thread that launched it (the main one, seen on
+        # an H200), and the GPU-side copy of the step's range would otherwise count as "other", a whole step long.
+        on_main = [event for event in inside if event.thread == thread and event.device_type == cpu]
+        ranges = [event for event in on_main if event.name in NAMED]
         for event in ranges:
             totals[NAMED[event.name]] += event.time_range.elapsed_us()
         allreduces = [allreduce_interval(event) for event in events if is_allreduce(event)]
@@ -137,7 +140,7 @@ def breakdown(events, device):
         totals["allreduce_exposed"] += exposed
         totals["allreduce_whole"] += union_length(allreduces)
         totals["allreduce_hidden"] += max(0.0, union_length(allreduces) - exposed)
-        top_level = [event for event in inside if event.thread == thread and event.cpu_parent in (None, step)]
+        top_level = [event for event in on_main if event.cpu_parent in (None, step)]
         others = [event.time_range for event in top_level if event.name not in NAMED and event is not step]
         totals["other"] += union_length([(r.start, r.end) for r in others])
         totals["step"] += end - start
