@@ -202,6 +202,32 @@ def scaling_prediction(path):
     return save(figure, path)
 
 
+def gpu_truth(folder, path):
+    """samples/s of each stage's runs on one GPU (stages/gpu_truth.py), each run a dot on its mean's bar, against the
+    model alone (stage 05's step on batches already on the GPU) as dashed lines."""
+    truth = json.loads((folder / "truth.json").read_text())
+    runs = [r for r in truth["runs"] if r["part"] in ("throughput", "lightning") and r["status"] == "ok"]
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    rates = [[r["samples_per_s"] for r in runs if r["label"] == label] for label in labels]
+    figure, axes = plt.subplots(figsize=(9, 4.2))
+    bars = axes.barh(labels, [np.mean(each) for each in rates], color="tab:blue")
+    for y, (each, label) in enumerate(zip(rates, labels)):
+        axes.plot(each, [y] * len(each), "o", color="black", markersize=3)
+        waits = [r["data_wait_share"] for r in runs if r["label"] == label and "data_wait_share" in r]
+        said = "  data wait " + " / ".join(f"{wait:.1%}" for wait in waits) if waits else ""
+        axes.text(max(each), y, said, va="center", fontsize=8)
+    for r, style in zip([r for r in truth["runs"] if r["part"] == "model_alone" and r["status"] == "ok"], ("--", ":")):
+        axes.axvline(r["samples_per_s"], color="tab:red", linestyle=style, label=r["label"])
+    axes.invert_yaxis()
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_xlabel("samples/s (128x128, batch 128; dots: each run)")
+    axes.set_title(f"One {truth['hardware']}, commit {truth['commit'][:7]} (stages/gpu_truth.py): not Perlmutter's "
+                   f"A100s", fontsize=10)  # fmt: skip
+    axes.set_xlim(0, 1.3 * max(bar.get_width() for bar in bars))
+    figure.tight_layout()
+    return save(figure, path)
+
+
 def save(figure, path):
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -218,6 +244,7 @@ FIGURES = {  # file name -> how it is made
     "throughput-quick-cpu.png": throughput,
     "loss-against-time-quick-cpu.png": loss_against_time,
     "09_scaling-prediction-perlmutter.png": scaling_prediction,
+    "gpu_truth-bench-h200.png": lambda path: gpu_truth(REPO / "example_logs" / "gpu_truth-bench-h200", path),
     **{f"{study.parent.name}.png": (lambda path, folder=study.parent: batch_size_study(folder, path))
        for study in sorted((REPO / "example_logs").glob("*/study.json"))},
 }  # fmt: skip
