@@ -106,8 +106,8 @@ def machine():
 
 
 def gpu_tag(hardware):
-    """A short name for the example logs' folder: h100, h200, a100, or cpu."""
-    for model in ("H200", "H100", "A100", "GH200", "L40S", "V100"):
+    """A short name for the output folder, as the example logs' are named: h100, h200, a100, or cpu."""
+    for model in ("GH200", "H200", "H100", "A100", "L40S", "V100"):
         if model in hardware:
             return model.lower()
     return "cpu" if hardware.startswith("CPU") else "".join(c for c in hardware.lower() if c.isalnum())[-12:]
@@ -526,7 +526,7 @@ def main():
     parser.add_argument("--size", choices=SIZES, default="gpu", help="gpu (default) | test: its smallest form")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="default: all")
     parser.add_argument("--repeats", type=int, choices=(1, 2), default=2, help="runs of each throughput stage")
-    parser.add_argument("--out_dir", type=Path, help="default: runs/gpu_truth (or under $SCRATCH)")
+    parser.add_argument("--out_dir", type=Path, help="default: runs/gpu_truth/<size>-<gpu> (or under $SCRATCH)")
     parser.add_argument("--data_root", type=Path, help="default: <out_dir>/data")
     parser.add_argument("--commit", help="the commit measured, for a copy without .git (default: git's HEAD)")
     parser.add_argument("--merge", nargs="+", metavar="TRUTH_JSON", help="merge measurements into --out_dir")
@@ -560,7 +560,8 @@ def main():
         return
     if args.budget_s <= 0:
         raise common.UserError(f"--budget_s {args.budget_s:g}: give the seconds it may take, e.g. 300")
-    args.out_dir = Path(args.out_dir or common.run_dir("gpu_truth", args.size, None))
+    hardware = machine()
+    args.out_dir = Path(args.out_dir or common.run_dir("gpu_truth", f"{args.size}-{gpu_tag(hardware['hardware'])}"))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if (args.out_dir / "truth.json").exists():
         raise common.UserError(f"{args.out_dir} holds an earlier measurement (truth.json): give another --out_dir, "
@@ -570,7 +571,7 @@ def main():
     global RESULTS_FILE
     RESULTS_FILE = args.out_dir / "results.jsonl"
     head, dirty = commit(args.commit)
-    truth = {**machine(), "commit": head, "dirty": dirty, "size": args.size, "budget_s": args.budget_s,
+    truth = {**hardware, "commit": head, "dirty": dirty, "size": args.size, "budget_s": args.budget_s,
              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}  # fmt: skip
     print(f"measuring on {truth['hardware']} (commit {(head or 'unknown')[:7]}), budget {args.budget_s:.0f} s",
           flush=True)  # fmt: skip

@@ -166,3 +166,9 @@ def test_the_committed_measurement_is_its_two_commands_merged():
     assert merged == json.loads((folder / "truth.json").read_text())
     assert gpu_truth.table(merged) == (folder / "table.md").read_text()
     assert not any(r["status"].startswith("not run") for r in merged["runs"]), "a later command ran them"
+
+
+def test_the_output_folder_is_named_after_the_gpu():
+    assert gpu_truth.gpu_tag("NVIDIA H200") == "h200" and gpu_truth.gpu_tag("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_truth.gpu_tag("NVIDIA A100-SXM4-40GB") == "a100" and gpu_truth.gpu_tag("NVIDIA GH200 480GB") == "gh200"
+    assert gpu_truth.gpu_tag("CPU (x86_64, 1 thread)") == "cpu"
