@@ -39,9 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run_all
-
 import common
+import run_all
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = ["--data_preset", "bench", "--num_epochs", "5", "--log_every", "64"]  # 5 epochs of 64 steps: 320 steps

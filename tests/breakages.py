@@ -39,7 +39,8 @@ class Breakage(NamedTuple):
 
 S03, S04, S05 = "stages/03_checkpoint_restart", "stages/04_data_loading", "stages/05_amp"
 S06, S07, S08 = "stages/06_ddp", "stages/07_large_batch", "stages/08_wandb_sweeps"
-S09 = "stages/09_scaling"  # the newest stage: the tests of what every stage copies run on the first and the newest
+S09, S10 = "stages/09_scaling", "stages/10_diagnose"  # S10, the newest: the tests of what every stage copies run on
+# the first and the newest stage
 CHECKPOINT, INSIDE = "tests/test_checkpoint.py", "tests/test_inside_a_run.py"
 
 # fmt: off
@@ -48,8 +49,8 @@ BREAKAGES = [
     Breakage("rng-not-restored", f"{S03}/train.py", 'checkpoints.set_rng_states(saved["rng"])', "pass",
              [f"{CHECKPOINT}::test_resumed_run_ends_bit_identical[03_checkpoint_restart-mid-epoch]"],
              "torch's generator was not restored"),
-    Breakage("rng-not-restored-newest", f"{S09}/train.py", 'checkpoints.set_rng_states(saved["rng"])', "pass",
-             [f"{CHECKPOINT}::test_resumed_run_ends_bit_identical[09_scaling-mid-epoch]"],
+    Breakage("rng-not-restored-newest", f"{S10}/train.py", 'checkpoints.set_rng_states(saved["rng"])', "pass",
+             [f"{CHECKPOINT}::test_resumed_run_ends_bit_identical[10_diagnose-mid-epoch]"],
              "torch's generator was not restored"),
     Breakage("rerun-after-sigkill-starts-from-scratch", f"{S03}/checkpoints.py", 'folder.glob("step-*.pt"), reverse',
              'folder.glob("step_*.pt"), reverse',
@@ -71,9 +72,9 @@ BREAKAGES = [
              "start = batch * self.local_batch + self.rank * self.local_batch",
              [f"{INSIDE}::test_the_ranks_share_every_batch_and_rank_0_alone_generates_the_data[06_ddp]"],
              "samples twice"),
-    Breakage("logged-loss-is-rank-0s-own", f"{S09}/train.py", "loss, wait, stop = agree_across_ranks(loss, timer.wait)",
+    Breakage("logged-loss-is-rank-0s-own", f"{S10}/train.py", "loss, wait, stop = agree_across_ranks(loss, timer.wait)",
              "_, wait, stop = agree_across_ranks(loss, timer.wait); loss = loss.item()",
-             [f"{INSIDE}::test_two_processes_train_as_one_step_after_step[09_scaling]"], "assert"),
+             [f"{INSIDE}::test_two_processes_train_as_one_step_after_step[10_diagnose]"], "assert"),
     Breakage("w-and-b-gets-other-metrics-than-tensorboard", f"{S08}/tracking.py",
              'values = {"trainer/step": step, **metrics}',
              'values = {"trainer/step": step, **{k: v for k, v in metrics.items() if not k.startswith("perf/")}}',
@@ -104,7 +105,7 @@ BREAKAGES = [
              "tensors differ"),
     Breakage("scheduler-not-restored", f"{S08}/train.py", 'state.scheduler.load_state_dict(saved["scheduler"])', "pass",
              [f"{CHECKPOINT}::test_resumed_run_ends_bit_identical[08_wandb_sweeps-mid-epoch]"], "tensors differ"),
-    Breakage("scheduler-not-restored-4-processes-on-slurm", f"{S09}/train.py",
+    Breakage("scheduler-not-restored-4-processes-on-slurm", f"{S10}/train.py",
              'state.scheduler.load_state_dict(saved["scheduler"])', "pass",
              ["tests/test_slurm_stages.py::test_time_limit_signal_checkpoints_requeues_and_resumes"], "final_"),
     Breakage("loss-scale-not-restored", f"{S05}/train.py", 'state.scaler.load_state_dict(saved["scaler"])', "pass",
@@ -142,6 +143,25 @@ BREAKAGES = [
              ["tests/test_profile.py::test_the_breakdown_of_a_step_worked_by_hand"], "approx"),
     Breakage("profile-all-reduce-always-hidden", f"{S09}/profiling.py", "    return max(0.0, end - last_compute_end)",
              "    return 0.0", ["tests/test_profile.py::test_the_breakdown_of_a_step_worked_by_hand"], "approx"),
+    # Stage 10: the watchdog, the stacks while a rank waits in a collective, the batch shell's USR2 and grace
+    Breakage("watchdog-never-warns", f"{S10}/diagnose.py", "        if seconds > slow_step_limit(recent, timeout_s):",
+             "        if False:", ["tests/test_diagnose.py::"
+                                  "test_a_stopped_rank_is_reported_before_the_timeout_with_every_ranks_stacks_and_the_run_goes_on"],
+             "assert"),
+    Breakage("stacks-from-a-python-handler", f"{S10}/diagnose.py",
+             "    faulthandler.register(STACK_SIGNAL, file=stacks_file, all_threads=True, chain=False)",
+             "    signal.signal(STACK_SIGNAL, lambda *_: faulthandler.dump_traceback(stacks_file))",
+             ["tests/test_diagnose.py::"
+              "test_a_stopped_rank_is_reported_before_the_timeout_with_every_ranks_stacks_and_the_run_goes_on"],
+             "assert"),
+    Breakage("batch-shell-ends-on-usr2", f"{S10}/submit_pm.sh",
+             """trap 'echo "$(date +%T) USR2: every rank writes its stacks to <out_dir>/stacks/"' USR2""", "",
+             ["tests/test_diagnose.py::test_stacks_on_demand_under_srun_with_scancel_full_and_the_job_completes"],
+             "assert"),
+    Breakage("no-grace-for-a-hung-stop", f"{S10}/submit_pm.sh", "  if kill -0 \"$train_pid\" 2>/dev/null; then\n",
+             "  if false; then\n",
+             ["tests/test_diagnose.py::test_a_time_limit_signal_while_a_rank_hangs_requeues_within_the_grace_and_resumes"],
+             "assert"),
     Breakage("threads-follow-the-machine", "stages/common/run.py", 'os.environ.get("OMP_NUM_THREADS", "1")',
              'os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))',
              ["tests/test_config.py::test_the_cpu_thread_rule_is_fixed_and_follows_only_omp_num_threads"], "assert"),

@@ -237,6 +237,7 @@ def test_notebooks_run_quick_and_write_outside_the_repository():
 CHANGED_BY_CONCEPT = {
     "06_ddp": {"submit_pm.sh", "data_loading.py"},  # a whole node: 4 processes, 4 GPUs; each its share of a batch
     "07_large_batch": {"data_loading.py"},  # each share in micro-batches
+    "10_diagnose": {"submit_pm.sh", "data_loading.py"},  # USR2 (the stacks) trapped, and ignored in the workers
 }
 COPIED = {"checkpoints.py", "predict.py", "submit_pm.sh", "distributed.py", "submit_pm_torchrun.sh", "data_loading.py",
           "batch_scaling.py", "speedups.py", "tracking.py", "sweeps.py", "sweep.yaml", "sweep_random.yaml"}  # fmt: skip

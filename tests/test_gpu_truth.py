@@ -7,9 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-import gpu_truth
 import pytest
 
+import gpu_truth
 from helpers import REPO, output_of, run_python
 
 SCRIPT = REPO / "stages" / "gpu_truth.py"

@@ -80,6 +80,10 @@ EXPECTED = {
         (0, ["Perlmutter, weak scaling: 64 per GPU", "78 % weak-scaling efficiency"], None),
         (0, ["predicted", "measured, 2 processes", "allreduce_exposed"], None),
     ],
+    "10_diagnose": [
+        (0, ["rank 0: step", "has taken", "state is 'T", "done in", "exit code 0"], "10_diagnose/clinic/stopped-rank"),
+        (0, ["Detected mismatch between collectives on ranks", "Tensor shapes: 1000vs 1"], None),
+    ],
 }
 
 

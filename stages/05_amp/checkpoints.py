@@ -197,7 +197,7 @@ def set_aside_newer_work(out_dir, resumed_from, step):
 def set_aside_earlier_run(out_dir):
     """For --resume none: move an earlier run's files to out_dir/earlier/<time>-<id>/, where nothing resumes
     from them and nothing is lost. Returns that folder, or None if there was nothing to move."""
-    names = ["checkpoints", "tensorboard", "summary.json", "train.log", "profile"]  # profile: stage 09's traces
+    names = ["checkpoints", "tensorboard", "summary.json", "train.log", "profile", "stacks"]  # stages 09, 10
     names = [name for name in names if (out_dir / name).exists()]
     if not names:
         return None

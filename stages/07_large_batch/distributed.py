@@ -181,8 +181,12 @@ def code_fingerprint():
 
 def known_failure(error):
     """One line for a collective that failed because another process died or stopped answering (gloo: a connection
-    reset or closed by the other side, or a timeout; NCCL: a DistBackendError), or None."""
+    reset or closed by the other side, or a timeout; NCCL: a DistBackendError), for rank 0's port taken, or None."""
     text = str(error).strip()
+    if "EADDRINUSE" in text:  # rank 0 could not listen for the others: another program (another job?) has the port
+        return (f"rank 0 cannot listen on port {os.environ.get('MASTER_PORT')} of {os.environ.get('MASTER_ADDR')}: "
+                "another program uses it (another job's rank 0 on this node?); export MASTER_PORT=<another port, "
+                "15000-29999> and start again")  # fmt: skip
     signs = ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out", "Socket Timeout")
     if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(s in text for s in signs))):
         return None
