@@ -107,7 +107,7 @@ def stopped_rank(out_dir):
     rank_1 = rank_pid(out_dir, 1)
     os.kill(rank_1, signal.SIGSTOP)  # as a debugger, a full disk or a stuck file system can hold a process
     print(f"kill -STOP {rank_1} (rank 1): it no longer runs; rank 0 waits for it in the next collective")
-    run.wait_for(r"has taken .* s, the recent ones")
+    run.wait_for(r"has taken .* s \(the recent steps")
     files = [out_dir / "stacks" / f"rank{rank}.txt" for rank in (0, 1)]
     before = [len(path.read_text().splitlines()) for path in files]
     for rank in (0, 1):

@@ -115,7 +115,7 @@ def where_main_thread_is(frames=3):
     """The main thread's innermost Python frames, as file:line function, innermost first."""
     frame = sys._current_frames().get(threading.main_thread().ident)
     stack = traceback.extract_stack(frame)[-frames:] if frame else []
-    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(stack)) or "?"
+    return " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno or '?'} {f.name}" for f in reversed(stack)) or "?"
 
 
 def last_collectives(rank):
