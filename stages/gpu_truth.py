@@ -165,15 +165,15 @@ def run_stage(results, part, label, prefix, config, settings, args, budget):
     if "wandb_mode" in (stage / "config.yaml").read_text():
         settings = [*settings, "--wandb_mode", "disabled"]  # W&B is not what is measured
     name = f"{len(results):02d}-" + "".join(c if c.isalnum() else "_" for c in label).strip("_")
-    out_dir = args.out_dir / "runs" / name
+    out_dir = args.out_dir / "logs" / name
     command = run_all.script_command(stage, config, out_dir, [*settings, "--data_root", str(args.data_root)], 1)
     start = time.monotonic()
-    code = run_command(command, args.out_dir / "runs" / f"{name}.out", min(budget.left(), RUN_LIMIT_S))
+    code = run_command(command, args.out_dir / "logs" / f"{name}.out", min(budget.left(), RUN_LIMIT_S))
     seconds = time.monotonic() - start
     if code is None:
         return record(results, part, label, "stopped: out of time (budget or run limit)", seconds, run=name)
     if code != 0:
-        return record(results, part, label, f"failed (exit code {code}): see runs/{name}.out", seconds, run=name)
+        return record(results, part, label, f"failed (exit code {code}): see logs/{name}.out", seconds, run=name)
     s = common.read_summary(out_dir)
     figures = {"samples_per_s": s["samples_per_s"], "data_wait_share": s["data_wait_share"],
                "first_step_s": s["first_step_s"], "peak_gpu_memory_gib": s.get("peak_gpu_memory_gib"),
@@ -186,7 +186,7 @@ def run_helper(results, part, label, mode, settings, args, budget):
     if budget.left() < args.least_s:
         return record(results, part, label, f"not run: {budget.left():.0f} s of the budget left")
     name = f"{len(results):02d}-{part}"
-    output = args.out_dir / "runs" / f"{name}.out"
+    output = args.out_dir / "logs" / f"{name}.out"
     command = [sys.executable, __file__, "--helper", mode, "--size", args.size, "--data_root", str(args.data_root),
                "--", *settings]  # fmt: skip
     start = time.monotonic()
@@ -194,7 +194,7 @@ def run_helper(results, part, label, mode, settings, args, budget):
     seconds = time.monotonic() - start
     lines = [line for line in output.read_text().splitlines() if line.startswith("{")]
     if code != 0 or not lines:
-        status = "stopped: out of time" if code is None else f"failed (exit code {code}): see runs/{name}.out"
+        status = "stopped: out of time" if code is None else f"failed (exit code {code}): see logs/{name}.out"
         return record(results, part, label, status, seconds)
     return record(results, part, label, "ok", seconds, **json.loads(lines[-1]))
 
@@ -299,7 +299,7 @@ def cuda_tests(results, args, budget):
                "tests/test_checkpoint.py"]  # fmt: skip
     if importlib.util.find_spec("xdist"):
         command += ["-n", "4"]
-    output = args.out_dir / "runs" / "cuda_tests.out"
+    output = args.out_dir / "logs" / "cuda_tests.out"
     start = time.monotonic()
     code = run_command(command, output, min(budget.left(), CUDA_TESTS_LIMIT_S))
     lines = output.read_text().strip().splitlines()
@@ -315,7 +315,7 @@ def profile(results, args, budget, size):
     settings = [*size["newest"], "--num_epochs", "1", "--profile_steps", size["profile_steps"]]
     entry = run_stage(results, "profile", f"{stage.name[:2]} --profile_steps {size['profile_steps']}", stage.name[:2],
                       size["config"], settings, args, budget)  # fmt: skip
-    breakdown = args.out_dir / "runs" / entry.get("run", "-") / "profile" / "breakdown.json"
+    breakdown = args.out_dir / "logs" / entry.get("run", "-") / "profile" / "breakdown.json"
     if entry["status"] == "ok" and breakdown.exists():
         entry["breakdown"] = json.loads(breakdown.read_text())
     return entry
@@ -324,7 +324,7 @@ def profile(results, args, budget, size):
 def measure(args, results):
     size = SIZES[args.size]
     budget = Budget(args.budget_s)
-    (args.out_dir / "runs").mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "logs").mkdir(parents=True, exist_ok=True)
     parts = args.parts
     for preset in ("bench", "small") if args.size == "gpu" else ("micro",):
         start = time.monotonic()

@@ -72,7 +72,7 @@ def test_with_the_budget_spent_every_run_says_not_run_and_the_table_is_still_wri
     truth = json.loads((tmp_path / "truth.json").read_text())
     statuses = {r["status"] for r in truth["runs"] if r["part"] not in ("data", "cuda_tests", "lightning")}
     assert statuses and all(s.startswith("not run:") and "of the budget left" in s for s in statuses), statuses
-    assert not list((tmp_path / "runs").glob("*.out")), "nothing was started"
+    assert not list((tmp_path / "logs").glob("*.out")), "nothing was started"
     assert all(t["status"] == "not measured" for t in truth["targets"])
 
 

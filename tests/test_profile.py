@@ -173,7 +173,7 @@ def test_the_breakdown_of_the_step_profiled_on_an_h200_adds_up():
     its breakdown.json, written by the profiling.py of then, says other 66.8 ms of a 67.3 ms step and the parts add up
     to 198 %; from the same trace, the parts now add up to the step within 5 % and "other" is under 1 %."""
     profiling = stage_module(STAGE, "profiling")
-    run = REPO / "example_logs" / "gpu_truth-bench-h200" / "measurement-2" / "runs" / "05-09___profile_steps_21_25"
+    run = REPO / "example_logs" / "gpu_truth-bench-h200" / "measurement-2" / "logs" / "05-09___profile_steps_21_25"
     events = events_of_trace(run / "profile" / "trace-rank0.json.gz")
     figures = profiling.breakdown(events, torch.device("cuda"))
     then = json.loads((run / "profile" / "breakdown.json").read_text())
