@@ -41,8 +41,11 @@ def test_tour_runs_data_parallel_stages_with_two_processes_and_only_rank_0_write
     assert summary["world_size"] == 2 and summary["device"] == "cpu"
     run = folder / stage.name
     wandb = ["wandb"] if (stage / "tracking.py").exists() else []  # stage 08 on: W&B's files, offline here
-    assert sorted(path.name for path in run.iterdir()) == [".lock", "checkpoints", "summary.json", "tensorboard",
-                                                          "train.log", *wandb]  # fmt: skip
+    stacks = ["stacks"] if (stage / "diagnose.py").exists() else []  # stage 10 on: each rank's file, where it writes
+    assert sorted(path.name for path in run.iterdir()) == [".lock", "checkpoints", *stacks, "summary.json",
+                                                          "tensorboard", "train.log", *wandb]  # fmt: skip
+    if stacks:  # every rank, and nothing else
+        assert sorted(path.name for path in (run / "stacks").iterdir()) == ["rank0.txt", "rank1.txt"]
     assert len(list((run / "tensorboard").iterdir())) == 1, "one event file: rank 0's"
     log = (run / "train.log").read_text()
     assert log.count("done in") == 1 and log.count("first step:") == 1, "rank 0 alone logs"

@@ -127,12 +127,22 @@ def stopped_rank(out_dir):
     return code
 
 
-def main_thread(path, frames=4):
-    """The main thread's innermost frames in the last stacks a rank wrote: of the threads faulthandler lists, the one
-    that began in train.py's `<module>`."""
-    threads = path.read_text().split("\n\n")
-    main = [block for block in threads if "in <module>" in block]
-    return main[-1].strip().splitlines()[: frames + 1] if main else ["(no stacks)"]
+def main_thread(path):
+    """The main thread's innermost frames, down to the first of this tutorial's code, in the last stacks a rank
+    wrote: of the threads faulthandler lists (each a "Thread 0x..." or "Current thread 0x..." line, then its frames,
+    innermost first), the last whose outermost frame is train.py's `<module>`."""
+    threads, thread = [], []
+    for line in path.read_text().splitlines():
+        if line.startswith(("Thread 0x", "Current thread 0x")):
+            thread = [line]
+            threads.append(thread)
+        elif line.startswith("  File ") and thread:
+            thread.append(line)
+    main = [thread for thread in threads if thread[-1].endswith("in <module>")]
+    if not main:
+        return ["(no stacks)"]
+    ours = next(i for i, line in enumerate(main[-1]) if "/stages/" in line)
+    return main[-1][: ours + 1]
 
 
 def killed_rank(out_dir):
