@@ -22,6 +22,7 @@ Figures from an H100 or H200 do not carry over to Perlmutter's A100s: measure th
 """
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -56,7 +57,7 @@ SIZES = {
         "deterministic": ("04", BENCH),  # against the throughput runs of stage 04
         "profile_steps": "21-25",
         "newest": [*BENCH, "--precision", "bf16"],
-        "least_s": 30,  # a run is started only with this much of the budget left (on the H200: 26 to 75 s a run)
+        "least_s": 30,  # a run is started only with this much of the budget left (on the H200: 22 to 75 s a run)
     },
     "test": {  # the machinery on a CPU, in the `test` configs: 16 steps a run
         "config": "test",
@@ -99,7 +100,8 @@ def machine():
     driver = None
     if shutil.which("nvidia-smi"):
         query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-        driver = subprocess.run(query, capture_output=True, text=True).stdout.strip().splitlines()[0] or None
+        answer = subprocess.run(query, capture_output=True, text=True)
+        driver = answer.stdout.split()[0] if answer.returncode == 0 and answer.stdout.strip() else None
     return {"hardware": common.hardware(device), "device": device.type, "driver": driver, "torch": torch.__version__,
             "cuda": torch.version.cuda, "cpus": os.cpu_count(), "python": sys.version.split()[0]}  # fmt: skip
 
@@ -121,16 +123,27 @@ class Budget:
 
 
 def run_command(command, output, timeout_s):
-    """Run a command in a process group of its own, its output to a file. Past timeout_s, end the whole group
-    (torchrun and its ranks, the DataLoader workers). The exit code, or None if it ran out of time."""
+    """Run a command, its output to a file. Past timeout_s (or on Ctrl-C), end it and every process under it
+    (torchrun, its ranks, their DataLoader workers). The exit code, or None if it ran out of time."""
     with open(output, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         try:
             return process.wait(timeout=max(timeout_s, 1))
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
             return None
+        finally:
+            if process.poll() is None:
+                end_process_tree(process.pid)
+                process.wait()
+
+
+def end_process_tree(pid):
+    """SIGKILL a process and every process under it, the deepest first: torchrun starts each rank in a session of
+    its own, so killing torchrun's process group would leave the ranks running on the GPU."""
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        end_process_tree(int(child))
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def record(results, part, label, status, seconds=0.0, **figures):
@@ -508,7 +521,7 @@ def readme_blocks(text, truth, folder, readme):
             label.strip() for label in names.split("|")]  # fmt: skip
         logs = os.path.relpath(folder, readme.parent)
         head = (f"Measured on one {truth['hardware']} (driver {truth['driver']}, torch {truth['torch']}, "
-                f"{truth['cpus']} CPUs) at commit {truth['commit'][:7]}, {truth['date']}, by "
+                f"{truth['cpus']} CPUs) at commit {(truth['commit'] or 'unknown')[:7]}, {truth['date']}, by "
                 f"`python stages/gpu_truth.py` ([its logs]({logs}/COMMAND)); the `bench` preset (128x128, batch 128) "
                 f"unless a row names another config, 320 steps a run (the profile: 64). H100 and H200 figures do not "
                 f"carry over to Perlmutter's A100s: measure there.\n\n")
@@ -562,9 +575,9 @@ def main():
     hardware = machine()
     args.out_dir = Path(args.out_dir or common.run_dir("gpu_truth", f"{args.size}-{gpu_tag(hardware['hardware'])}"))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    if (args.out_dir / "truth.json").exists():
-        raise common.UserError(f"{args.out_dir} holds an earlier measurement (truth.json): give another --out_dir, "
-                               "or move that one away")  # fmt: skip
+    if (args.out_dir / "truth.json").exists() or (args.out_dir / "logs").exists():
+        raise common.UserError(f"{args.out_dir} holds an earlier measurement (truth.json, logs/): give another "
+                               "--out_dir, or move that one away")  # fmt: skip
     args.data_root = args.data_root or args.out_dir / "data"
     args.least_s = SIZES[args.size]["least_s"]
     global RESULTS_FILE

@@ -1,6 +1,7 @@
 """Stage 10: every case of the clinic shows the symptom the README shows; the slow-step limit by hand; the stacks on
 demand and the time-limit signal during a hang on the local Slurm."""
 
+import itertools
 import os
 import re
 import subprocess
@@ -13,6 +14,19 @@ from slurm_fixture import job_field, submit, wait_for_job
 
 STAGE = REPO / "stages" / "10_diagnose"
 CLINIC = STAGE / "clinic.py"
+
+
+def signalled_dumps(text):
+    """The stacks a rank wrote on USR2, not its watchdog's: faulthandler's "Current thread" is the thread that
+    writes, which for a signal is the main thread (its outermost frame train.py's `<module>`), and for the watchdog's
+    own dumps the watchdog thread."""
+    lines, dumps = text.splitlines(), []
+    for index, line in enumerate(lines):
+        if line.startswith("Current thread "):
+            frames = list(itertools.takewhile(lambda frame: frame.startswith("  File "), lines[index + 1 :]))
+            if frames and frames[-1].endswith("in <module>"):
+                dumps.append(frames)
+    return dumps
 
 
 def clinic(case, tmp_path):
@@ -44,7 +58,7 @@ def test_a_stopped_rank_is_reported_before_the_timeout_with_every_ranks_stacks_a
     at_once = re.search(r"rank 0 \(waiting in a collective\) wrote (\d+) lines of stacks, rank 1 (\d+)", result.stdout)
     assert at_once and int(at_once.group(1)) > 10 and at_once.group(2) == "0", output_of(result)
     stacks = {rank: (tmp_path / "stopped-rank" / "stacks" / f"rank{rank}.txt").read_text() for rank in (0, 1)}
-    assert all("in <module>" in text and "train.py" in text for text in stacks.values()), "every rank's main thread"
+    assert all(signalled_dumps(text) for text in stacks.values()), "every rank wrote its stacks on USR2"
     assert "is slow ---" in stacks[0], "the watchdog's stacks too"
 
 
@@ -86,7 +100,8 @@ def test_a_skipped_collective_is_named_with_torch_distributed_debug_detail(tmp_p
     result = clinic("skipped-collective", tmp_path)
     without, detail = result.stdout.split("with TORCH_DISTRIBUTED_DEBUG=DETAIL", 1)
     assert "Detected mismatch" not in without and "exit code 0" not in without.split("---")[1], output_of(result)
-    assert "Detected mismatch between collectives on ranks" in detail and "Tensor shapes: 1000vs 1" in detail
+    assert "Detected mismatch between collectives on ranks" in detail
+    assert "Tensor shapes: 1000vs 1" in detail or "Tensor shapes: 1vs 1000" in detail  # either rank may say it first
 
 
 def test_an_exception_on_one_rank_is_the_root_cause_torchrun_names(tmp_path):
@@ -150,6 +165,8 @@ def test_a_time_limit_signal_while_a_rank_hangs_requeues_within_the_grace_and_re
     env = slurm_env(local_slurm, TUTORIAL_STOP_GRACE_S="10")
     out_dir = tmp_path / "run"
     job_id = submit_and_wait_for(env, out_dir, ["--config", "test", "--num_epochs", "6", "--data_root", tiny_data], 16)
+    while not (out_dir / "checkpoints" / "step-00000016.pt").exists():  # written after the step's log line
+        time.sleep(0.1)
     rank_1 = int(re.search(r"pid (\d+)", (out_dir / "stacks" / "rank1.txt").read_text()).group(1))
     os.kill(rank_1, 19)  # SIGSTOP
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
@@ -163,4 +180,4 @@ def test_a_time_limit_signal_while_a_rank_hangs_requeues_within_the_grace_and_re
     assert "train.py did not stop within 10 s: a rank hangs" in output and "restart 1" in output, output
     resumed = re.search(r"resuming from .*step-0*(\d+)\.pt", output)
     assert resumed and int(resumed.group(1)) >= 16, output
-    assert "Current thread" in (out_dir / "stacks" / "rank0.txt").read_text(), "rank 0's stacks, asked before requeue"
+    assert signalled_dumps((out_dir / "stacks" / "rank0.txt").read_text()), "rank 0's stacks, asked before requeue"

@@ -62,7 +62,8 @@ def test_a_second_measurement_into_the_same_folder_is_refused(smallest):
     before = (out_dir / "truth.json").read_bytes()
     result = run_python(SCRIPT, "--size", "test", "--out_dir", out_dir, cwd=out_dir)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [
-        f"error: {out_dir} holds an earlier measurement (truth.json): give another --out_dir, or move that one away"]
+        f"error: {out_dir} holds an earlier measurement (truth.json, logs/): give another --out_dir, or move that one "
+        "away"]
     assert (out_dir / "truth.json").read_bytes() == before
 
 
@@ -85,13 +86,14 @@ def test_a_budget_of_no_time_is_refused_in_one_line(tmp_path, budget):
 
 
 def test_a_run_past_the_budget_is_ended_with_every_process_it_started(tmp_path):
-    """torchrun's ranks and the DataLoader workers are children of the command: all of them end, not only it."""
+    """torchrun's ranks and the DataLoader workers are processes under the command, the ranks each in a session of
+    their own (as torchrun starts them): all of them end, not only it."""
     pid_file = tmp_path / "child.pid"
-    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+    script = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60'], start_new_session=True); "
               f"open('{pid_file}', 'w').write(str(p.pid)); time.sleep(60)")  # fmt: skip
     start = time.monotonic()
-    code = gpu_truth.run_command([sys.executable, "-c", script], tmp_path / "out", timeout_s=2)
-    assert code is None and time.monotonic() - start < 10
+    code = gpu_truth.run_command([sys.executable, "-c", script], tmp_path / "out", timeout_s=5)
+    assert code is None and time.monotonic() - start < 15
     time.sleep(0.2)
     status = Path(f"/proc/{pid_file.read_text()}/status")
     assert not status.exists() or "State:\tZ" in status.read_text(), "the command's child still runs"  # Z: ended

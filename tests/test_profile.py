@@ -182,3 +182,8 @@ def test_the_breakdown_of_the_step_profiled_on_an_h200_adds_up():
     assert abs(parts - figures["step"]) < profiling.TOLERANCE * figures["step"]
     assert figures["other"] < 0.01 * figures["step"]
     assert figures["forward"] == pytest.approx(then["parts_s"]["forward"], rel=0.01)
+    ms = {name: f"{value * 1e3:.2f}" for name, value in figures.items()}
+    readme = " ".join((STAGE / "README.md").read_text().split())
+    assert (f"took {ms['step']} ms: data wait {ms['data_wait']}, forward {ms['forward']}, backward {ms['backward']}, "
+            f"all-reduce not hidden {ms['allreduce_exposed']}") in readme, "the README's figures are these"
+    assert f"optimizer {ms['optimizer']}, other {ms['other']} ms" in readme

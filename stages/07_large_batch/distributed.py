@@ -110,7 +110,7 @@ def cpu_ranges(cpus):
 
 def setup_logging(out_dir, stage, rank):
     """Rank 0 logs to the terminal and to out_dir/train.log; the other ranks print only warnings and errors, each
-    line naming its rank, and write no file."""
+    line naming its rank, and write no log file."""
     if rank == 0:
         common.setup_logging(out_dir, stage)
     else:

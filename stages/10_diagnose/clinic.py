@@ -16,6 +16,7 @@ A time-limit signal while one rank hangs needs Slurm: see the README (and tests/
 """
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -35,7 +36,9 @@ sys.path.insert(0, str(STAGE.parent))
 import common
 
 TIMEOUT_S = 15  # ddp_timeout_s of the clinic's runs: the watchdog warns after a third of it
-LONG_RUN = ["--config", "test", "--num_epochs", "6", "--log_every", "40", "--ddp_timeout_s", str(TIMEOUT_S)]
+# 192 steps: the failures come after step 40, long before the end; gloo on the CPU, also where a GPU is
+LONG_RUN = ["--config", "test", "--device", "cpu", "--num_epochs", "12", "--log_every", "40",
+            "--ddp_timeout_s", str(TIMEOUT_S)]  # fmt: skip
 
 
 class Run:
@@ -69,10 +72,27 @@ class Run:
         try:
             code = self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            end_process_tree(self.process.pid)
             code = None
         time.sleep(0.2)  # the reading thread takes the last lines
         return code, time.monotonic() - start
+
+
+def end_process_tree(pid):
+    """SIGKILL a process and every process under it, the deepest first: torchrun starts each rank in a session of
+    its own, so killing torchrun's process group would leave the ranks running."""
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        end_process_tree(int(child))
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def signal_rank(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        raise common.UserError(f"process {pid} ended before the clinic could send it {signum.name}: the run was "
+                               "over already; try again") from None
 
 
 def torchrun(out_dir, *settings):
@@ -105,13 +125,13 @@ def stopped_rank(out_dir):
     run = torchrun(out_dir)
     run.wait_for(r"step 40/")
     rank_1 = rank_pid(out_dir, 1)
-    os.kill(rank_1, signal.SIGSTOP)  # as a debugger, a full disk or a stuck file system can hold a process
+    signal_rank(rank_1, signal.SIGSTOP)  # as a debugger, a full disk or a stuck file system can hold a process
     print(f"kill -STOP {rank_1} (rank 1): it no longer runs; rank 0 waits for it in the next collective")
     run.wait_for(r"has taken .* s \(the recent steps")
     files = [out_dir / "stacks" / f"rank{rank}.txt" for rank in (0, 1)]
     before = [len(path.read_text().splitlines()) for path in files]
     for rank in (0, 1):
-        os.kill(rank_pid(out_dir, rank), signal.SIGUSR2)
+        signal_rank(rank_pid(out_dir, rank), signal.SIGUSR2)
     time.sleep(1)
     written = [len(path.read_text().splitlines()) - lines for path, lines in zip(files, before)]
     print(f"kill -USR2 to both: within a second, rank 0 (waiting in a collective) wrote {written[0]} lines of stacks, "
@@ -149,7 +169,7 @@ def killed_rank(out_dir):
     run = torchrun(out_dir)
     run.wait_for(r"step 40/")
     rank_1 = rank_pid(out_dir, 1)
-    os.kill(rank_1, signal.SIGKILL)
+    signal_rank(rank_1, signal.SIGKILL)
     print(f"kill -9 {rank_1} (rank 1), as the out-of-memory killer would")
     code, seconds = run.end()
     show(f"the end, {seconds:.0f} s later", excerpt(run, r"^error", r"exitcode", r"Signal 9", r"Root Cause"))
@@ -160,7 +180,7 @@ def killed_worker(out_dir):
     run = torchrun(out_dir, "--num_workers", "1")
     run.wait_for(r"step 40/")
     workers = subprocess.run(["pgrep", "-P", str(rank_pid(out_dir, 0))], capture_output=True, text=True).stdout.split()
-    os.kill(int(workers[0]), signal.SIGKILL)
+    signal_rank(int(workers[0]), signal.SIGKILL)
     print(f"kill -9 {workers[0]} (a DataLoader worker of rank 0)")
     code, seconds = run.end()
     show(f"the end, {seconds:.0f} s later", excerpt(run, r"^error", r"DataLoader worker", r"exitcode"))

@@ -37,13 +37,12 @@ RECENT_STEPS = 50
 
 @dataclasses.dataclass
 class Heartbeat:
-    """Where the training loop is, written by it and read by the watchdog thread."""
+    """Where the training loop is, written by it and read by the watchdog thread. `now` changes in one assignment, so
+    that the thread never reads half of it."""
 
-    doing: str = "starting"  # "step 42", "the checkpoint of step 40", "the validation after step 48"
-    started: float | None = None  # when it began; None until the first step
-    in_step: bool = False  # a step (judged against the recent steps), not a checkpoint or validation
+    now: tuple | None = None  # (what: "step 42" or "the checkpoint of step 40"..., since when, whether it is a step)
     recent: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=RECENT_STEPS))
-    warned: bool = False  # once for each thing it does
+    warned_for: float | None = None  # the start time of what the last warning was about: one warning each
 
 
 heartbeat = Heartbeat()
@@ -74,14 +73,14 @@ def slow_step_limit(recent, timeout_s):
 def step_begins(step):
     """At the start of each step of the loop: the step before it, if one ran to here, joins the recent ones."""
     now = time.perf_counter()
-    if heartbeat.in_step:
-        heartbeat.recent.append(now - heartbeat.started)
-    heartbeat.doing, heartbeat.started, heartbeat.in_step, heartbeat.warned = f"step {step + 1}", now, True, False
+    if heartbeat.now and heartbeat.now[2]:
+        heartbeat.recent.append(now - heartbeat.now[1])
+    heartbeat.now = (f"step {step + 1}", now, True)
 
 
 def other_work(doing):
-    """Before validation or a checkpoint: work that is not a step, slow only at a third of ddp_timeout_s."""
-    heartbeat.doing, heartbeat.started, heartbeat.in_step, heartbeat.warned = doing, time.perf_counter(), False, False
+    """Before validation, a checkpoint, the end: work that is not a step, slow only at a third of ddp_timeout_s."""
+    heartbeat.now = (doing, time.perf_counter(), False)
 
 
 def start_watchdog(rank, timeout_s):
@@ -94,12 +93,13 @@ def watch(rank, timeout_s):
     the workers, fill caches; three steps make the first median.)"""
     while True:
         time.sleep(0.5)
-        started, recent, doing = heartbeat.started, list(heartbeat.recent), heartbeat.doing
-        if started is None or heartbeat.warned or len(recent) < 3:
+        now, recent = heartbeat.now, list(heartbeat.recent)
+        if now is None or heartbeat.warned_for == now[1] or len(recent) < 3:
             continue
+        doing, started, in_step = now
         seconds = time.perf_counter() - started
-        if seconds > (slow_step_limit(recent, timeout_s) if heartbeat.in_step else timeout_s / 3):
-            heartbeat.warned = True
+        if seconds > (slow_step_limit(recent, timeout_s) if in_step else timeout_s / 3):
+            heartbeat.warned_for = started
             named = "rank 0: " if rank == 0 else ""  # the other ranks' log lines begin with their rank already
             log.warning(f"{named}{doing} has taken {seconds:.1f} s (the recent steps: {statistics.median(recent):.3f} "
                         f"s); it waits in {where_main_thread_is()}; "

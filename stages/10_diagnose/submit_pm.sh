@@ -48,7 +48,8 @@ export TUTORIAL_GPU_ORDER=3,2,1,0
 # Near the time limit: let train.py checkpoint at its next step, then put this job back in the queue.
 # The requeued job runs this script again, and train.py resumes from the newest checkpoint. If train.py has not
 # stopped STOP_GRACE_S later, a rank hangs and the others wait for it in a collective, past the time limit: ask
-# every rank for its stacks, then requeue anyway. The job then resumes from the last checkpoint that was written.
+# every rank for its stacks, then requeue anyway, from the last checkpoint written; but not after a third hang in
+# this job's log (it appends across requeues), which would only hang again.
 STOP_GRACE_S=${TUTORIAL_STOP_GRACE_S:-90}  # of the 120 s that --signal gives (above)
 checkpoint_and_requeue() {
   echo "$(date +%T) USR1: the time limit is near; train.py checkpoints and stops"
@@ -59,15 +60,22 @@ checkpoint_and_requeue() {
     waited=$((waited + 1))
   done
   if kill -0 "$train_pid" 2>/dev/null; then
-    echo "$(date +%T) train.py did not stop within $STOP_GRACE_S s: a rank hangs. Each rank writes its stacks to" \
-      "<out_dir>/stacks/rank<r>.txt; requeueing job $SLURM_JOB_ID, to resume from its last checkpoint"
-    scancel --signal=USR2 "$SLURM_JOB_ID"  # to the processes of srun's step (not to this shell: no --batch, --full)
+    echo "$(date +%T) train.py did not stop within $STOP_GRACE_S s: a rank hangs (or log_every steps take longer" \
+      "than that). Each rank writes its stacks to <out_dir>/stacks/rank<r>.txt"
+    scancel --signal=USR2 "$SLURM_JOB_ID" || true  # to srun's processes (not to this shell: no --batch, no --full)
     sleep 5
+    local hangs
+    hangs=$(grep -c "did not stop within" "slurm-$SLURM_JOB_NAME-$SLURM_JOB_ID.out" 2>/dev/null || true)
+    if ((${hangs:-0} >= 3)); then
+      echo "$(date +%T) the third hang of this job: not requeueing it; find the hang in the stacks first"
+      exit 1  # ends the job, and the processes of its steps with it
+    fi
+    echo "$(date +%T) requeueing job $SLURM_JOB_ID, to resume from its last checkpoint"
     scontrol requeue "$SLURM_JOB_ID"  # ends this run's processes, the hung one too, and queues the job again
     exit 3
   fi
   local code=0
-  wait "$train_pid" || code=$?
+  wait_for_train || code=$?
   if [[ $code -eq 3 ]]; then  # 3: stopped early, with a checkpoint to resume from
     echo "$(date +%T) requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
@@ -79,6 +87,15 @@ trap checkpoint_and_requeue USR1
 # `scancel --signal=USR2 <job>` sends it to srun's processes; with --full, to this shell too, which must survive it.
 trap 'echo "$(date +%T) USR2: every rank writes its stacks to <out_dir>/stacks/"' USR2
 
+# srun's exit code, once it has ended: a trapped USR2 ends `wait` early, and then it waits again.
+wait_for_train() {
+  local code
+  until wait "$train_pid"; do
+    code=$?
+    kill -0 "$train_pid" 2>/dev/null || return "$code"
+  done
+}
+
 echo "$(date +%T) job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, $SLURM_NTASKS processes, master $MASTER_ADDR:$MASTER_PORT"
 # srun starts one process per task (4 per node); they find their rank in SLURM_PROCID. srun runs in the
 # background and the shell waits for it: a trap runs only once `wait` is interrupted. When one process ends, srun
@@ -86,7 +103,4 @@ echo "$(date +%T) job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, $SLURM_N
 # once, mid-save, when the first one exits with the 3 of a time-limit stop (whatever the cluster's KillOnBadExit).
 srun --wait=30 --kill-on-bad-exit=0 --cpu-bind=cores "${TUTORIAL_PYTHON[@]}" stages/10_diagnose/train.py "$@" &
 train_pid=$!
-until wait "$train_pid"; do  # a trapped USR2 ends `wait` early: wait again while srun runs
-  code=$?
-  kill -0 "$train_pid" 2>/dev/null || exit "$code"  # srun has ended, with this exit code
-done
+wait_for_train

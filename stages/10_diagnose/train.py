@@ -325,9 +325,10 @@ def main(argv=None):
     if trial:
         cfg = common.load_config(config_file, trial["arguments"], renamed=RENAMED, environment=tracking.ENVIRONMENT)
     tracking.check_names(cfg)  # on every rank: a name W&B would refuse stops them all, before they start
-    out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir, create=rank == 0)  # the others only read it (to resume)
+    out_dir = common.run_dir(STAGE, cfg.config, cfg.out_dir, create=rank == 0)  # the others write only their stacks
     earlier = checkpoints.set_aside_earlier_run(out_dir) if cfg.resume == "none" and rank == 0 else None
     distributed.setup_logging(out_dir, STAGE, rank)  # the other ranks print only warnings and errors
+    distributed.barrier()  # rank 0 has set an earlier run aside: each rank's stacks file goes into this one
     diagnose.write_stacks_on_signal(out_dir, rank)  # before anything can hang, and before the DataLoader workers start
     log.info(f"stage {STAGE}, config {cfg.config!r}, writing to {out_dir}")
     if earlier:
@@ -338,6 +339,7 @@ def main(argv=None):
     setup, state, timer = start_run(cfg, out_dir, device, dtype, rank, world_size, launcher)
     diagnose.start_watchdog(rank, cfg.ddp_timeout_s)
     code = 3 if train(setup, state, timer) else 0  # 3, not 0: the run stopped early, with a checkpoint to resume from
+    diagnose.other_work("the end of the run")
     if rank == 0:
         setup.writer.close()
         tracking.finish(setup.wandb_run, code)
