@@ -1,6 +1,6 @@
 """GPU truth: measure the stages on one GPU, side by side, within a time budget, and write one table.
 
-    python stages/gpu_truth.py --budget_s 750    # on one GPU: every part, about 12 minutes on an H200
+    python stages/gpu_truth.py --budget_s 750    # on one GPU: every part (716 s on an H200, in two commands)
     python stages/gpu_truth.py                   # --budget_s 300: the throughput runs once, and the model alone
     python stages/gpu_truth.py --size test       # its smallest form, on a CPU: about a minute (the tests run it)
 

@@ -47,8 +47,9 @@ class Run:
 
     def __init__(self, command, env=None):
         self.lines = []
+        # In the clinic's own process group: a Ctrl-C reaches the run too, and torchrun ends its ranks.
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, **(env or {})}, start_new_session=True)  # fmt: skip
+                                        env={**os.environ, **(env or {})})  # fmt: skip
         threading.Thread(target=self.read, daemon=True).start()
 
     def read(self):
